@@ -1,0 +1,28 @@
+"""Backend adapters, one per API dialect, chosen by backend ``type``."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from .base import Adapter, Call, Completion, EventStream, Timeouts
+from .ollama import OllamaAdapter
+from .openai import PROFILES, OpenAIAdapter
+
+__all__ = ["Adapter", "Adapters", "Call", "Completion", "EventStream", "Timeouts", "SUPPORTED_TYPES"]
+
+SUPPORTED_TYPES = frozenset({"ollama", *PROFILES})
+
+
+class Adapters:
+    """One adapter instance per dialect, sharing the pooled upstream session."""
+
+    def __init__(self, session: aiohttp.ClientSession, timeouts: Timeouts) -> None:
+        self._openai = OpenAIAdapter(session, timeouts)
+        self._ollama = OllamaAdapter(session, timeouts)
+
+    def for_type(self, backend_type: str) -> Adapter | None:
+        if backend_type == "ollama":
+            return self._ollama
+        if backend_type in PROFILES:
+            return self._openai
+        return None

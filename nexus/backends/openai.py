@@ -1,0 +1,141 @@
+"""The OpenAI-compatible dialect: vLLM, llama.cpp, LM Studio, exo, generic servers, OpenAI itself.
+
+Bodies go through as bytes. The only types that differ are in their ``Profile``: how a model's
+context length and capabilities are learnt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ..errors import UpstreamProtocolError
+from ..registry import Backend, Model
+from .base import Call, Completion, HTTPAdapter
+from .capabilities import guess_model
+from .sse import SSEStream
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    # Servers that honour ``response_format`` for every model they serve.
+    json_mode: bool
+    # Ask llama.cpp's /props for the running context size and vision support.
+    llamacpp_props: bool = False
+
+
+PROFILES = {
+    "vllm": Profile(json_mode=True),
+    "llamacpp": Profile(json_mode=True, llamacpp_props=True),
+    "lmstudio": Profile(json_mode=True),
+    "exo": Profile(json_mode=False),
+    "generic": Profile(json_mode=False),
+    "openai": Profile(json_mode=False),
+}
+
+# Fields of a /v1/models entry that carry a context length, by server.
+_CONTEXT_KEYS = ("max_model_len", "context_length", "context_window", "max_context_length")
+
+
+class OpenAIAdapter(HTTPAdapter):
+    def headers(self, backend: Backend) -> dict[str, str]:
+        return {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
+
+    async def list_models(self, backend: Backend) -> list[Model]:
+        data = await self.get_json(backend, "/v1/models", self.headers(backend))
+        entries = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            raise UpstreamProtocolError(
+                backend.name, f"Backend '{backend.name}' sent a model list without 'data'"
+            )
+        profile = PROFILES.get(backend.type, PROFILES["generic"])
+        props = await self._llamacpp_props(backend) if profile.llamacpp_props else {}
+        models = []
+        for entry in entries:
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                models.append(_model_from_entry(backend.type, profile, entry, props))
+        return models
+
+    async def chat(self, backend: Backend, call: Call) -> Completion:
+        body = await self.post_json(backend, "/v1/chat/completions", call.payload(), call.headers)
+        return complete_response(backend, body)
+
+    async def open_stream(self, backend: Backend, call: Call) -> SSEStream:
+        resp = await self.open_post(backend, "/v1/chat/completions", call.payload(), call.headers)
+        return SSEStream(backend, resp, self.timeouts.stream_idle)
+
+    async def embeddings(self, backend: Backend, call: Call) -> Completion:
+        body = await self.post_json(backend, "/v1/embeddings", call.payload(), call.headers)
+        return Completion(body)
+
+    async def _llamacpp_props(self, backend: Backend) -> dict[str, Any]:
+        try:
+            props = await self.get_json(backend, "/props", self.headers(backend))
+        except Exception:  # /props is optional extra detail; the model list is what counts
+            return {}
+        return props if isinstance(props, dict) else {}
+
+
+def _model_from_entry(
+    backend_type: str, profile: Profile, entry: dict[str, Any], props: dict[str, Any]
+) -> Model:
+    guess = guess_model(entry["id"], backend_type)
+    context = _context_length(entry, props)
+    vision = guess.vision or bool((props.get("modalities") or {}).get("vision"))
+    return Model(
+        id=entry["id"],
+        context_length=context if context is not None else guess.context_length,
+        vision=vision,
+        tools=guess.tools,
+        json_mode=profile.json_mode or guess.json_mode,
+        embeddings=guess.embeddings,
+    )
+
+
+def _context_length(entry: dict[str, Any], props: dict[str, Any]) -> int | None:
+    for key in _CONTEXT_KEYS:
+        value = entry.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    settings = props.get("default_generation_settings")
+    if isinstance(settings, dict) and isinstance(settings.get("n_ctx"), int):
+        return int(settings["n_ctx"])
+    meta = entry.get("meta")
+    if isinstance(meta, dict):
+        for key in ("n_ctx", "n_ctx_train"):
+            if isinstance(meta.get(key), int):
+                return int(meta[key])
+    return None
+
+
+def complete_response(backend: Backend, body: bytes) -> Completion:
+    """Check a chat completion and make it spec-complete without losing any field.
+
+    OpenAI's schema requires ``message.refusal`` and ``choices[].logprobs`` (nullable); many
+    servers omit them. They are added as ``null``; the bytes are re-encoded only then.
+    """
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamProtocolError(
+            backend.name, f"Backend '{backend.name}' sent invalid JSON: {exc}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise UpstreamProtocolError(backend.name, f"Backend '{backend.name}' sent a non-object")
+    changed = False
+    for choice in data.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        if "logprobs" not in choice:
+            choice["logprobs"] = None
+            changed = True
+        message = choice.get("message")
+        if isinstance(message, dict) and "refusal" not in message:
+            message["refusal"] = None
+            changed = True
+    usage = data.get("usage")
+    return Completion(
+        orjson.dumps(data) if changed else body, usage if isinstance(usage, dict) else None
+    )

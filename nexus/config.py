@@ -1,0 +1,379 @@
+"""Settings: the TOML file, ``NEXUS_*`` environment variables and CLI flags, validated once.
+
+Precedence is CLI flag > ``NEXUS_*`` env > file > default. This module is the only reader of the
+environment. Unknown keys are errors that name the key and suggest the closest known one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_ALIAS_HOPS = 3
+LOCAL_TYPES = frozenset({"ollama", "vllm", "llamacpp", "lmstudio", "exo", "generic"})
+CLOUD_TYPES = frozenset({"openai", "anthropic", "google"})
+BackendType = Literal[
+    "ollama", "vllm", "llamacpp", "lmstudio", "exo", "generic", "openai", "anthropic", "google"
+]
+DEFAULT_CONFIG_PATH = "nexus.toml"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and the reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    # Upper bound for a non-streaming upstream call and for the first byte of a stream.
+    request_timeout_seconds: Annotated[float, Field(gt=0)] = 300
+    # A stream may be silent for at most this long between two events (idle, not total).
+    stream_idle_timeout_seconds: Annotated[float, Field(gt=0)] = 120
+    connect_timeout_seconds: Annotated[float, Field(gt=0)] = 5
+    # How long in-flight requests may take to finish after SIGINT/SIGTERM.
+    shutdown_timeout_seconds: Annotated[float, Field(ge=0)] = 10
+    max_concurrent_requests: Annotated[int, Field(ge=1)] = 1000
+
+
+class DiscoverySettings(_Section):
+    enabled: bool = True
+    service_types: list[str] = Field(
+        default_factory=lambda: ["_ollama._tcp.local", "_llm._tcp.local"]
+    )
+    grace_period_seconds: Annotated[int, Field(ge=0)] = 60
+    # Where mDNS runs: None means every interface; tests and scripts pin ["127.0.0.1"].
+    interfaces: list[str] | None = None
+    advertise: bool = True
+
+
+class HealthCheckSettings(_Section):
+    enabled: bool = True
+    interval_seconds: Annotated[float, Field(gt=0)] = 30
+    timeout_seconds: Annotated[float, Field(gt=0)] = 5
+    failure_threshold: Annotated[int, Field(ge=1)] = 3
+    recovery_threshold: Annotated[int, Field(ge=1)] = 2
+
+
+class RoutingWeights(_Section):
+    priority: Annotated[int, Field(ge=0)] = 50
+    load: Annotated[int, Field(ge=0)] = 30
+    latency: Annotated[int, Field(ge=0)] = 20
+
+
+class TrafficPolicy(_Section):
+    model_pattern: str
+    privacy: Literal["unrestricted", "restricted"] = "unrestricted"
+    min_tier: Annotated[int, Field(ge=1, le=5)] | None = None
+    max_cost_per_request: float | None = None
+    fallback_allowed: bool = True
+
+    @field_validator("privacy", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+class BudgetSettings(_Section):
+    monthly_limit_usd: Annotated[float, Field(gt=0)] | None = None
+    soft_limit_percent: Annotated[float, Field(gt=0, le=100)] = 75.0
+    hard_limit_action: Literal["warn", "block_cloud", "block_all"] = "warn"
+    reconciliation_interval_secs: Annotated[int, Field(ge=1)] = 60
+
+
+class RoutingSettings(_Section):
+    strategy: Literal["smart", "round_robin", "priority_only", "random", "least_loaded"] = "smart"
+    max_retries: Annotated[int, Field(ge=0, le=10)] = 2
+    weights: RoutingWeights = Field(default_factory=RoutingWeights)
+    aliases: dict[str, str] = Field(default_factory=dict)
+    fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    policies: list[TrafficPolicy] = Field(default_factory=list)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
+
+    @model_validator(mode="after")
+    def _check_aliases(self) -> RoutingSettings:
+        validate_aliases(self.aliases)
+        return self
+
+
+class LoggingSettings(_Section):
+    level: Literal["trace", "debug", "info", "warn", "warning", "error"] = "info"
+    format: Literal["pretty", "json"] = "pretty"
+    component_levels: dict[str, str] = Field(default_factory=dict)
+    enable_content_logging: bool = False
+
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+class QualitySettings(_Section):
+    error_rate_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    ttft_penalty_threshold_ms: Annotated[int, Field(ge=0)] = 3000
+    metrics_interval_seconds: Annotated[int, Field(ge=1)] = 30
+
+
+class QueueSettings(_Section):
+    enabled: bool = True
+    max_size: Annotated[int, Field(ge=0)] = 100
+    max_wait_seconds: Annotated[int, Field(ge=1)] = 30
+
+
+class BackendSettings(_Section):
+    name: Annotated[str, Field(min_length=1)]
+    url: str
+    type: BackendType
+    priority: int = 50
+    api_key_env: str | None = None
+    zone: Literal["restricted", "open"] | None = None
+    tier: Annotated[int, Field(ge=1, le=5)] = 1
+
+    @field_validator("type", "zone", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower().replace("llama.cpp", "llamacpp") if isinstance(value, str) else value
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        return normalise_url(value)
+
+    def api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The key named by ``api_key_env``, read from the environment (None when unset)."""
+        if not self.api_key_env:
+            return None
+        env = os.environ if environ is None else environ
+        return env.get(self.api_key_env) or None
+
+    @property
+    def effective_zone(self) -> str:
+        if self.zone is not None:
+            return self.zone
+        return "open" if self.type in CLOUD_TYPES else "restricted"
+
+
+class Settings(_Section):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    discovery: DiscoverySettings = Field(default_factory=DiscoverySettings)
+    health_check: HealthCheckSettings = Field(default_factory=HealthCheckSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    backends: list[BackendSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        seen: set[str] = set()
+        for backend in self.backends:
+            if backend.name in seen:
+                raise ValueError(f"backend name '{backend.name}' is used twice; names must be unique")
+            seen.add(backend.name)
+        return self
+
+
+def normalise_url(value: str) -> str:
+    """``http://host:port[/prefix]`` without a trailing ``/`` or ``/v1`` (adapters add the paths)."""
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"'{value}' is not an http(s) URL with a host")
+    url = value.strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    return url
+
+
+def validate_aliases(aliases: Mapping[str, str]) -> None:
+    """Reject cycles and chains of more than ``MAX_ALIAS_HOPS`` hops, naming the alias."""
+    for start in aliases:
+        chain = [start]
+        current = start
+        while current in aliases:
+            current = aliases[current]
+            if current in chain:
+                loop = " -> ".join([*chain, current])
+                raise ValueError(f"alias cycle: {loop}")
+            chain.append(current)
+            if len(chain) - 1 > MAX_ALIAS_HOPS:
+                path = " -> ".join(chain)
+                raise ValueError(
+                    f"alias chain from '{start}' is deeper than {MAX_ALIAS_HOPS} hops: {path}"
+                )
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    path: tuple[str, str]
+    kind: Literal["str", "int", "bool"]
+
+
+ENV_VARS = (
+    EnvVar("NEXUS_HOST", ("server", "host"), "str"),
+    EnvVar("NEXUS_PORT", ("server", "port"), "int"),
+    EnvVar("NEXUS_LOG_LEVEL", ("logging", "level"), "str"),
+    EnvVar("NEXUS_LOG_FORMAT", ("logging", "format"), "str"),
+    EnvVar("NEXUS_DISCOVERY", ("discovery", "enabled"), "bool"),
+    EnvVar("NEXUS_HEALTH_CHECK", ("health_check", "enabled"), "bool"),
+)
+CONFIG_ENV = "NEXUS_CONFIG"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def config_path_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    return env.get(CONFIG_ENV) or None
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    overrides: Mapping[tuple[str, str], Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    require_file: bool = False,
+) -> Settings:
+    """Read ``path`` (a missing file means defaults unless ``require_file``), then env, then CLI."""
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if file.exists():
+            data = read_toml(file)
+        elif require_file:
+            raise ConfigError(f"config file '{file}' does not exist")
+    sources: dict[tuple[str, str], str] = {}
+    for var in ENV_VARS:
+        raw = env.get(var.name)
+        if raw is None or raw == "":
+            continue
+        _set(data, var.path, _coerce_env(var, raw))
+        sources[var.path] = var.name
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(data, key, value)
+            sources[key] = "command line"
+    return settings_from_dict(data, sources=sources, origin=str(path) if path else "defaults")
+
+
+def read_toml(file: Path) -> dict[str, Any]:
+    try:
+        with file.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: invalid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from exc
+
+
+def settings_from_dict(
+    data: Mapping[str, Any],
+    *,
+    sources: Mapping[tuple[str, str], str] | None = None,
+    origin: str = "config",
+) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(err, data, sources or {}) for err in exc.errors()]
+        raise ConfigError(f"{origin}: invalid configuration\n  " + "\n  ".join(lines)) from None
+
+
+def _coerce_env(var: EnvVar, raw: str) -> Any:
+    if var.kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{var.name}={raw!r}: not a whole number") from None
+    if var.kind == "bool":
+        lowered = raw.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(f"{var.name}={raw!r}: expected true or false")
+    return raw
+
+
+def _set(data: dict[str, Any], path: tuple[str, str], value: Any) -> None:
+    section, key = path
+    current = data.get(section)
+    if not isinstance(current, dict):
+        current = {}
+        data[section] = current
+    current[key] = value
+
+
+def _describe(err: Mapping[str, Any], data: Mapping[str, Any], sources: Mapping[Any, str]) -> str:
+    loc = tuple(err["loc"])
+    key = _dotted(loc, data)
+    source = sources.get(loc[:2]) if len(loc) >= 2 else None
+    where = f" (from {source})" if source else ""
+    if err["type"] == "extra_forbidden":
+        hint = _did_you_mean(loc)
+        return f"{key}{where}: unknown key{hint}"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    value = err.get("input")
+    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict | list) else ""
+    return f"{key}{where}: {message}{shown}"
+
+
+def _dotted(loc: tuple[Any, ...], data: Mapping[str, Any]) -> str:
+    parts: list[str] = []
+    node: Any = data
+    for item in loc:
+        if isinstance(item, int):
+            name = ""
+            if isinstance(node, list) and item < len(node) and isinstance(node[item], dict):
+                name = str(node[item].get("name", ""))
+            parts[-1] = f"{parts[-1]}[{item}]" + (f" ({name})" if name else "")
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+        else:
+            parts.append(str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts) or "(top level)"
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    model: Any = Settings
+    for item in loc[:-1]:
+        if isinstance(item, int):
+            continue
+        field = model.model_fields.get(item)
+        if field is None:
+            return ""
+        model = _model_of(field.annotation)
+        if model is None:
+            return ""
+    known = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (known keys: {', '.join(known)})"
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,215 @@
+"""Every error Nexus can answer with, and the one place they become an OpenAI envelope.
+
+    NexusError                         status  type                    code
+      InvalidRequest                   400     invalid_request_error   invalid_request_error
+      Unauthorized                     401     authentication_error    invalid_api_key
+      NotFound                         404     invalid_request_error   not_found
+        ModelNotFound                  404     invalid_request_error   model_not_found
+      MethodNotAllowed                 405     invalid_request_error   method_not_allowed
+      PayloadTooLarge                  413     invalid_request_error   payload_too_large
+      ServiceUnavailable               503     service_unavailable     service_unavailable
+        NoHealthyBackend               503     service_unavailable     service_unavailable  (+ context)
+      UpstreamError                    (the backend's failure, mapped once in backends/base.py)
+        UpstreamUnavailable            502     server_error            bad_gateway
+        UpstreamProtocolError          502     server_error            bad_gateway
+        UpstreamTimeout                504     server_error            gateway_timeout
+        UpstreamStatusError            upstream status; body kept when it is an OpenAI envelope
+      InternalError                    500     server_error            internal_error
+
+A client's mistake is never a 500 and every body is JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+JSONDict = dict[str, Any]
+
+
+class NexusError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    @property
+    def status_code(self) -> int:
+        return self.status
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def envelope(self) -> JSONDict:
+        return error_envelope(self.message, self.type, self.code, self.param)
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.envelope())
+
+
+def error_envelope(message: str, type_: str, code: str | None, param: str | None = None) -> JSONDict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class InvalidRequest(NexusError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request_error"
+
+
+class Unauthorized(NexusError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(NexusError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+    def __init__(self, model: str, available: list[str]) -> None:
+        shown = ", ".join(available[:50]) if available else "none (no healthy backend lists a model)"
+        more = f" (+{len(available) - 50} more)" if len(available) > 50 else ""
+        super().__init__(f"Model '{model}' not found. Available models: {shown}{more}", param="model")
+        self.available = available
+
+
+class MethodNotAllowed(NexusError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, allow: str = "") -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow} if self.allow else {}
+
+
+class PayloadTooLarge(NexusError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class ServiceUnavailable(NexusError):
+    status = 503
+    type = "service_unavailable"
+    code = "service_unavailable"
+
+
+class NoHealthyBackend(ServiceUnavailable):
+    """Nothing can serve the model; ``context`` says which backends exist and why each was excluded."""
+
+    def __init__(self, model: str, context: JSONDict) -> None:
+        super().__init__(f"No healthy backend available for model '{model}'", param="model")
+        self.context = context
+
+    def envelope(self) -> JSONDict:
+        body = super().envelope()
+        body["context"] = self.context
+        return body
+
+
+class UpstreamError(NexusError):
+    """A backend failed. ``retryable`` says whether the next candidate may be tried."""
+
+    retryable: ClassVar[bool] = True
+
+    def __init__(self, backend: str, message: str) -> None:
+        super().__init__(message)
+        self.backend = backend
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 502
+    type = "server_error"
+    code = "bad_gateway"
+
+
+class UpstreamProtocolError(UpstreamError):
+    status = 502
+    type = "server_error"
+    code = "bad_gateway"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "server_error"
+    code = "gateway_timeout"
+
+
+class UpstreamStatusError(UpstreamError):
+    """The backend answered with an error status.
+
+    5xx and 429 may be retried on another backend; any other 4xx is the client's problem and goes
+    back as it is. A 5xx that ends the walk is answered as 502 (the gateway's view), a 4xx keeps its
+    status. The backend's own OpenAI error envelope is kept when it sent one.
+    """
+
+    def __init__(
+        self, backend: str, upstream_status: int, body: bytes, retry_after: str | None = None
+    ) -> None:
+        self.upstream_status = upstream_status
+        self.raw = body
+        self.retry_after = retry_after
+        self.upstream_envelope = _parse_envelope(body)
+        detail = _error_message(self.upstream_envelope, body)
+        super().__init__(backend, f"Backend '{backend}' returned {upstream_status}: {detail}")
+
+    @property
+    def retryable(self) -> bool:  # type: ignore[override]
+        return self.upstream_status >= 500 or self.upstream_status == 429
+
+    @property
+    def status_code(self) -> int:
+        return 502 if self.upstream_status >= 500 else self.upstream_status
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": self.retry_after} if self.retry_after else {}
+
+    def envelope(self) -> JSONDict:
+        if self.upstream_envelope is not None and self.upstream_status < 500:
+            return self.upstream_envelope
+        if self.upstream_status >= 500:
+            return error_envelope(self.message, "server_error", "bad_gateway")
+        type_ = "rate_limit_error" if self.upstream_status == 429 else "invalid_request_error"
+        code = "rate_limit_exceeded" if self.upstream_status == 429 else "upstream_error"
+        return error_envelope(self.message, type_, code)
+
+
+class InternalError(NexusError):
+    pass
+
+
+def _parse_envelope(body: bytes) -> JSONDict | None:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        return data
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        # Ollama and llama.cpp style: {"error": "text"}; normalise to the OpenAI shape.
+        return error_envelope(data["error"], "invalid_request_error", None)
+    return None
+
+
+def _error_message(envelope: JSONDict | None, body: bytes) -> str:
+    if envelope is not None:
+        message = envelope["error"].get("message")
+        if isinstance(message, str):
+            return message
+    text = body[:500].decode("utf-8", "replace").strip()
+    return text or "(empty body)"

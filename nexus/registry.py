@@ -1,0 +1,132 @@
+"""Backends and their models: plain records, a model index and in-flight counters. No I/O."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from .config import CLOUD_TYPES
+
+
+class Status(enum.StrEnum):
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    id: str
+    context_length: int | None = None
+    vision: bool = False
+    tools: bool = False
+    json_mode: bool = False
+    embeddings: bool = False
+
+    def capabilities(self) -> dict[str, bool]:
+        return {
+            "vision": self.vision,
+            "tools": self.tools,
+            "json_mode": self.json_mode,
+            "embeddings": self.embeddings,
+        }
+
+
+@dataclass(slots=True, eq=False)
+class Backend:
+    """One inference server. Mutable state is changed only by health, dispatch and discovery."""
+
+    name: str
+    url: str
+    type: str
+    priority: int = 50
+    zone: str = "restricted"
+    tier: int = 1
+    api_key: str | None = None
+    source: str = "static"
+    # A reason the backend cannot be used at all (e.g. its API key is missing); never probed then.
+    config_error: str | None = None
+    status: Status = Status.UNKNOWN
+    models: dict[str, Model] = field(default_factory=dict)
+    in_flight: int = 0
+    total_requests: int = 0
+    consecutive_successes: int = 0
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    last_check: float | None = None
+    latency_ms: float | None = None
+
+    @property
+    def location(self) -> str:
+        return "cloud" if self.type in CLOUD_TYPES else "local"
+
+    @property
+    def healthy(self) -> bool:
+        return self.status is Status.HEALTHY
+
+    def find_model(self, model: str) -> str | None:
+        """The backend's own name for ``model``: exact, else Ollama's implicit ``:latest`` tag."""
+        if model in self.models:
+            return model
+        if ":" not in model and f"{model}:latest" in self.models:
+            return f"{model}:latest"
+        return None
+
+
+class Registry:
+    """All known backends by name, with a model -> backends index kept in step."""
+
+    def __init__(self, backends: Iterable[Backend] = ()) -> None:
+        self._backends: dict[str, Backend] = {}
+        self._index: dict[str, list[Backend]] = {}
+        for backend in backends:
+            self.add(backend)
+
+    def __iter__(self) -> Iterator[Backend]:
+        return iter(list(self._backends.values()))
+
+    def __len__(self) -> int:
+        return len(self._backends)
+
+    def get(self, name: str) -> Backend | None:
+        return self._backends.get(name)
+
+    def add(self, backend: Backend) -> None:
+        if backend.name in self._backends:
+            raise ValueError(f"a backend named '{backend.name}' is already registered")
+        self._backends[backend.name] = backend
+        self._reindex()
+
+    def remove(self, name: str) -> Backend | None:
+        backend = self._backends.pop(name, None)
+        if backend is not None:
+            self._reindex()
+        return backend
+
+    def set_models(self, backend: Backend, models: Iterable[Model]) -> None:
+        backend.models = {model.id: model for model in models}
+        self._reindex()
+
+    def backends_for(self, model: str) -> list[Backend]:
+        """Every backend (any status) that lists ``model``; a bare name also matches ``:latest``."""
+        found = self._index.get(model)
+        if found is None and ":" not in model:
+            found = self._index.get(f"{model}:latest")
+        return list(found) if found else []
+
+    def model_ids(self, *, healthy_only: bool = True) -> list[str]:
+        ids = {
+            model
+            for backend in self._backends.values()
+            if backend.healthy or not healthy_only
+            for model in backend.models
+        }
+        return sorted(ids)
+
+    def _reindex(self) -> None:
+        index: dict[str, list[Backend]] = {}
+        for backend in self._backends.values():
+            for model in backend.models:
+                index.setdefault(model, []).append(backend)
+        self._index = index

@@ -1,0 +1,18 @@
+"""Model aliases: ``alias -> target``, followed for at most three hops (cycles are refused at load)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..config import MAX_ALIAS_HOPS
+
+
+def resolve(model: str, aliases: Mapping[str, str]) -> str:
+    """The model an alias finally names; a name that is no alias is returned unchanged."""
+    current = model
+    for _ in range(MAX_ALIAS_HOPS):
+        target = aliases.get(current)
+        if target is None:
+            break
+        current = target
+    return current

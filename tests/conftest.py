@@ -1,0 +1,59 @@
+"""Shared fixtures: a background loop, fake upstreams and a real Nexus on loopback ports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import httpx2
+import pytest
+
+from nexus.config import Settings
+
+from .fakes import FakeUpstream
+from .harness import LoopThread, NexusServer
+
+F = TypeVar("F", bound=FakeUpstream)
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture
+def start_fake(loop_thread: LoopThread) -> Iterator[Callable[[F], F]]:
+    """Start a fake upstream on a free loopback port; stopped after the test."""
+    started: list[FakeUpstream] = []
+
+    def start(fake: F) -> F:
+        loop_thread.run(fake.start())
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        loop_thread.run(fake.stop())
+
+
+@pytest.fixture
+def start_nexus(loop_thread: LoopThread) -> Iterator[Callable[[Settings], NexusServer]]:
+    """Start the real app under uvicorn on a free loopback port; shut down after the test."""
+    servers: list[NexusServer] = []
+
+    def start(settings: Settings) -> NexusServer:
+        server = NexusServer(loop_thread, settings).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def client() -> Iterator[httpx2.Client]:
+    with httpx2.Client(timeout=30) as http:
+        yield http

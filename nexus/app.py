@@ -67,7 +67,7 @@ def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) 
     return Starlette(
         routes=routes,
         middleware=[Middleware(RequestIdMiddleware)],
-        exception_handlers=HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=HANDLERS,
         lifespan=lifespan,
     )
 

@@ -102,7 +102,9 @@ def config() -> None:
 
 
 @config.command("init")
-@click.option("-o", "--output", default=DEFAULT_CONFIG_PATH, show_default=True, help="File to write.")
+@click.option(
+    "-o", "--output", default=DEFAULT_CONFIG_PATH, show_default=True, help="File to write."
+)
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing file.")
 def config_init(output: str, force: bool) -> None:
     """Write a commented example configuration."""

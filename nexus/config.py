@@ -179,13 +179,15 @@ class Settings(_Section):
         seen: set[str] = set()
         for backend in self.backends:
             if backend.name in seen:
-                raise ValueError(f"backend name '{backend.name}' is used twice; names must be unique")
+                raise ValueError(
+                    f"backend name '{backend.name}' is used twice; names must be unique"
+                )
             seen.add(backend.name)
         return self
 
 
 def normalise_url(value: str) -> str:
-    """``http://host:port[/prefix]`` without a trailing ``/`` or ``/v1`` (adapters add the paths)."""
+    """``http://host:port[/prefix]`` without a trailing ``/`` or ``/v1`` (adapters add paths)."""
     parts = urlsplit(value.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"'{value}' is not an http(s) URL with a host")

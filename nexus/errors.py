@@ -8,7 +8,7 @@
       MethodNotAllowed                 405     invalid_request_error   method_not_allowed
       PayloadTooLarge                  413     invalid_request_error   payload_too_large
       ServiceUnavailable               503     service_unavailable     service_unavailable
-        NoHealthyBackend               503     service_unavailable     service_unavailable  (+ context)
+        NoHealthyBackend               503     service_unavailable     service_unavailable +context
       UpstreamError                    (the backend's failure, mapped once in backends/base.py)
         UpstreamUnavailable            502     server_error            bad_gateway
         UpstreamProtocolError          502     server_error            bad_gateway
@@ -52,7 +52,9 @@ class NexusError(Exception):
         return orjson.dumps(self.envelope())
 
 
-def error_envelope(message: str, type_: str, code: str | None, param: str | None = None) -> JSONDict:
+def error_envelope(
+    message: str, type_: str, code: str | None, param: str | None = None
+) -> JSONDict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -78,9 +80,13 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
     def __init__(self, model: str, available: list[str]) -> None:
-        shown = ", ".join(available[:50]) if available else "none (no healthy backend lists a model)"
+        shown = (
+            ", ".join(available[:50]) if available else "none (no healthy backend lists a model)"
+        )
         more = f" (+{len(available) - 50} more)" if len(available) > 50 else ""
-        super().__init__(f"Model '{model}' not found. Available models: {shown}{more}", param="model")
+        super().__init__(
+            f"Model '{model}' not found. Available models: {shown}{more}", param="model"
+        )
         self.available = available
 
 
@@ -110,7 +116,7 @@ class ServiceUnavailable(NexusError):
 
 
 class NoHealthyBackend(ServiceUnavailable):
-    """Nothing can serve the model; ``context`` says which backends exist and why each was excluded."""
+    """Nothing can serve the model; ``context`` names the backends and why each was excluded."""
 
     def __init__(self, model: str, context: JSONDict) -> None:
         super().__init__(f"No healthy backend available for model '{model}'", param="model")

@@ -128,7 +128,7 @@ class HealthChecker:
                 await asyncio.gather(*(self.check(b) for b in backends))
 
     async def start(self) -> None:
-        """The first round, before Nexus takes traffic. Without health checks, trust every backend."""
+        """The first round, before traffic; without health checks, trust every backend."""
         await self.check_all()
         if not self.settings.enabled:
             for backend in self.registry:

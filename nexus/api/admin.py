@@ -1,4 +1,4 @@
-"""Liveness and health: ``/health`` (a summary), ``/livez`` (the process) and ``/readyz`` (routable)."""
+"""Liveness and health: ``/health`` (summary), ``/livez`` (process), ``/readyz`` (routable)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,11 @@ def health_summary(gateway: Gateway) -> dict[str, object]:
         "status": status,
         "version": __version__,
         "uptime_seconds": gateway.uptime_seconds(),
-        "backends": {"total": len(backends), "healthy": healthy, "unhealthy": len(backends) - healthy},
+        "backends": {
+            "total": len(backends),
+            "healthy": healthy,
+            "unhealthy": len(backends) - healthy,
+        },
         "models": len(gateway.registry.model_ids(healthy_only=True)),
     }
 

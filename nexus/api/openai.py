@@ -72,7 +72,9 @@ class Models:
 def model_list(gateway: Gateway) -> JSONDict:
     created = int(gateway.started_at)
     rows: dict[str, JSONDict] = {}
-    backends = sorted((b for b in gateway.registry if b.healthy), key=lambda b: (b.priority, b.name))
+    backends = sorted(
+        (b for b in gateway.registry if b.healthy), key=lambda b: (b.priority, b.name)
+    )
     for backend in backends:
         for model in backend.models.values():
             row = rows.get(model.id)
@@ -104,7 +106,9 @@ def check_chat(body: JSONDict) -> None:
     messages = body.get("messages")
     if not isinstance(messages, list):
         what = "missing" if messages is None else f"a {_kind(messages)}"
-        raise InvalidRequest(f"'messages' must be a list of messages; it is {what}", param="messages")
+        raise InvalidRequest(
+            f"'messages' must be a list of messages; it is {what}", param="messages"
+        )
     if not messages:
         raise InvalidRequest("'messages' must contain at least one message", param="messages")
     for index, message in enumerate(messages):

@@ -8,7 +8,15 @@ from .base import Adapter, Call, Completion, EventStream, Timeouts
 from .ollama import OllamaAdapter
 from .openai import PROFILES, OpenAIAdapter
 
-__all__ = ["Adapter", "Adapters", "Call", "Completion", "EventStream", "Timeouts", "SUPPORTED_TYPES"]
+__all__ = [
+    "Adapter",
+    "Adapters",
+    "Call",
+    "Completion",
+    "EventStream",
+    "Timeouts",
+    "SUPPORTED_TYPES",
+]
 
 SUPPORTED_TYPES = frozenset({"ollama", *PROFILES})
 

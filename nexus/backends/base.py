@@ -7,7 +7,7 @@ backend's dialect. It never decides where a request goes; ``dispatch`` does.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -94,17 +94,19 @@ class HTTPAdapter:
         self, backend: Backend, path: str, payload: bytes, headers: Mapping[str, str]
     ) -> bytes:
         """POST and return the body of a 2xx answer; anything else raises an UpstreamError."""
-        async with upstream_errors(backend, self.timeouts.request):
-            async with self.session.post(
+        async with (
+            upstream_errors(backend, self.timeouts.request),
+            self.session.post(
                 backend.url + path,
                 data=payload,
                 headers=headers,
                 timeout=self._request_timeout,
-            ) as resp:
-                body = await resp.read()
-                if resp.status >= 400:
-                    raise status_error(backend, resp, body)
-                return body
+            ) as resp,
+        ):
+            body = await resp.read()
+            if resp.status >= 400:
+                raise status_error(backend, resp, body)
+            return body
 
     async def open_post(
         self, backend: Backend, path: str, payload: bytes, headers: Mapping[str, str]
@@ -126,33 +128,37 @@ class HTTPAdapter:
             return resp
 
     async def get_json(self, backend: Backend, path: str, headers: Mapping[str, str]) -> Any:
-        async with upstream_errors(backend, self.timeouts.probe):
-            async with self.session.get(
+        async with (
+            upstream_errors(backend, self.timeouts.probe),
+            self.session.get(
                 backend.url + path, headers=headers, timeout=self._probe_timeout
-            ) as resp:
-                body = await resp.read()
-                if resp.status >= 400:
-                    raise status_error(backend, resp, body)
+            ) as resp,
+        ):
+            body = await resp.read()
+            if resp.status >= 400:
+                raise status_error(backend, resp, body)
         return parse_json(backend, body)
 
     async def post_probe(
         self, backend: Backend, path: str, payload: JSONDict, headers: Mapping[str, str]
     ) -> Any:
-        async with upstream_errors(backend, self.timeouts.probe):
-            async with self.session.post(
+        async with (
+            upstream_errors(backend, self.timeouts.probe),
+            self.session.post(
                 backend.url + path,
                 data=orjson.dumps(payload),
                 headers={**headers, "Content-Type": "application/json"},
                 timeout=self._probe_timeout,
-            ) as resp:
-                body = await resp.read()
-                if resp.status >= 400:
-                    raise status_error(backend, resp, body)
+            ) as resp,
+        ):
+            body = await resp.read()
+            if resp.status >= 400:
+                raise status_error(backend, resp, body)
         return parse_json(backend, body)
 
 
 @asynccontextmanager
-async def upstream_errors(backend: Backend, timeout: float) -> AsyncIterator[None]:
+async def upstream_errors(backend: Backend, limit: float) -> AsyncIterator[None]:
     """The one place transport failures become Nexus errors."""
     try:
         yield
@@ -160,7 +166,7 @@ async def upstream_errors(backend: Backend, timeout: float) -> AsyncIterator[Non
         raise
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise UpstreamTimeout(
-            backend.name, f"Backend '{backend.name}' did not answer within {timeout:g}s"
+            backend.name, f"Backend '{backend.name}' did not answer within {limit:g}s"
         ) from exc
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamUnavailable(
@@ -172,7 +178,9 @@ async def upstream_errors(backend: Backend, timeout: float) -> AsyncIterator[Non
         ) from exc
 
 
-def status_error(backend: Backend, resp: aiohttp.ClientResponse, body: bytes) -> UpstreamStatusError:
+def status_error(
+    backend: Backend, resp: aiohttp.ClientResponse, body: bytes
+) -> UpstreamStatusError:
     return UpstreamStatusError(backend.name, resp.status, body, resp.headers.get("Retry-After"))
 
 
@@ -185,7 +193,7 @@ def parse_json(backend: Backend, body: bytes) -> Any:
         ) from exc
 
 
-async def gather_limited(calls: list[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
+async def gather_limited(calls: Sequence[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
     """Run ``calls`` concurrently, at most ``limit`` at a time, keeping their order."""
     semaphore = asyncio.Semaphore(limit)
 

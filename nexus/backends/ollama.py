@@ -8,6 +8,7 @@ model digest, so a health cycle costs one call once the models are known). Chat 
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import struct
 import time
@@ -49,7 +50,10 @@ class OllamaAdapter(HTTPAdapter):
                 backend.name, f"Backend '{backend.name}' sent /api/tags without 'models'"
             )
         named = [e for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)]
-        calls = [lambda e=e: self._describe(backend, e["name"], str(e.get("digest", ""))) for e in named]
+        calls = [
+            functools.partial(self._describe, backend, e["name"], str(e.get("digest", "")))
+            for e in named
+        ]
         return await gather_limited(calls, limit=4)
 
     async def _describe(self, backend: Backend, name: str, digest: str) -> Model:
@@ -199,7 +203,9 @@ def _content(content: Any) -> tuple[str, list[str]]:
     if content is None or isinstance(content, str):
         return content or "", []
     if not isinstance(content, list):
-        raise InvalidRequest("message content must be a string or a list of parts", param="messages")
+        raise InvalidRequest(
+            "message content must be a string or a list of parts", param="messages"
+        )
     texts, images = [], []
     for part in content:
         if not isinstance(part, dict):
@@ -263,7 +269,11 @@ def _finish(data: JSONDict, has_tools: bool) -> str:
 def _usage(data: JSONDict) -> JSONDict:
     prompt = int(data.get("prompt_eval_count") or 0)
     completion = int(data.get("eval_count") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def chat_response(data: JSONDict, model: str) -> JSONDict:

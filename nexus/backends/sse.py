@@ -61,7 +61,9 @@ class SSEStream:
                 name, f"Backend '{name}' sent nothing for {self._idle:g}s during the stream"
             ) from exc
         except aiohttp.ClientPayloadError as exc:
-            raise UpstreamProtocolError(name, f"Backend '{name}' broke off the stream: {exc}") from exc
+            raise UpstreamProtocolError(
+                name, f"Backend '{name}' broke off the stream: {exc}"
+            ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnavailable(name, f"Backend '{name}' stream failed: {exc}") from exc
 

@@ -1,4 +1,4 @@
-"""Model aliases: ``alias -> target``, followed for at most three hops (cycles are refused at load)."""
+"""Model aliases: ``alias -> target``, followed for at most three hops (no cycles)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Request -> ordered plan of (backend, model) steps, with the reason each other backend was left out.
+"""Request -> ordered plan of (backend, model) steps, and why each other backend was left out.
 
 Pure: reads the registry's records, does no I/O. The plan lists the requested model's healthy
 backends first, then those of each fallback model in order. Until scoring arrives, backends are
@@ -75,7 +75,7 @@ def plan_request(registry: Registry, routing: RoutingSettings, model: str) -> Pl
 
 
 def _add_steps(plan: Plan, registry: Registry, model: str, *, fallback: str | None) -> bool:
-    """Append the healthy backends for ``model``; True when any backend (healthy or not) lists it."""
+    """Append the healthy backends for ``model``; True when any backend at all lists it."""
     backends = registry.backends_for(model)
     usable: list[tuple[Backend, str]] = []
     for backend in backends:

@@ -19,8 +19,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from .backends import Adapters
+from .backends import Adapter
 from .config import HealthCheckSettings
 from .errors import UpstreamError
 from .registry import Backend, Registry, Status
@@ -28,11 +29,15 @@ from .registry import Backend, Registry, Status
 log = logging.getLogger("nexus.health")
 
 
+class AdapterSource(Protocol):
+    def for_type(self, backend_type: str) -> Adapter | None: ...
+
+
 class HealthChecker:
     def __init__(
         self,
         registry: Registry,
-        adapters: Adapters,
+        adapters: AdapterSource,
         settings: HealthCheckSettings,
         *,
         clock: Callable[[], float] = time.monotonic,

@@ -138,9 +138,7 @@ class FakeUpstream:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
-        self.requests.append(
-            Recorded(request.method, request.path, dict(request.headers), raw)
-        )
+        self.requests.append(Recorded(request.method, request.path, dict(request.headers), raw))
         queue = self.script.get(request.path)
         reply = queue.popleft() if queue else self.default(request.method, request.path, raw)
         if reply is None:
@@ -276,5 +274,7 @@ class FakeOllama(FakeUpstream):
             inputs = body.get("input")
             items = [inputs] if isinstance(inputs, str) else list(inputs or [])
             vectors = [[0.5, -0.5, float(i)] for i, _ in enumerate(items)]
-            return Reply(json={"model": body.get("model"), "embeddings": vectors, "prompt_eval_count": 6})
+            return Reply(
+                json={"model": body.get("model"), "embeddings": vectors, "prompt_eval_count": 6}
+            )
         return None

@@ -11,10 +11,11 @@ import aiohttp
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from .api.admin import Health, Live, Ready
 from .api.errors import HANDLERS
-from .api.middleware import RequestIdMiddleware
+from .api.middleware import GatewayMiddleware
 from .api.openai import ChatCompletions, Embeddings, Models
 from .backends import SUPPORTED_TYPES, Adapters, Timeouts
 from .config import BackendSettings, Settings
@@ -56,9 +57,12 @@ def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) 
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
+    hot_routes: dict[str, ASGIApp] = {
+        "/v1/chat/completions": ChatCompletions(),
+        "/v1/embeddings": Embeddings(),
+    }
     routes = [
-        Route("/v1/chat/completions", ChatCompletions(), methods=["POST"]),
-        Route("/v1/embeddings", Embeddings(), methods=["POST"]),
+        *(Route(path, handler, methods=["POST"]) for path, handler in hot_routes.items()),
         Route("/v1/models", Models(), methods=["GET"]),
         Route("/health", Health(), methods=["GET"]),
         Route("/livez", Live(), methods=["GET"]),
@@ -66,7 +70,7 @@ def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) 
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(RequestIdMiddleware)],
+        middleware=[Middleware(GatewayMiddleware, hot_routes=hot_routes)],
         exception_handlers=HANDLERS,
         lifespan=lifespan,
     )

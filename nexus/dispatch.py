@@ -168,7 +168,10 @@ class Dispatcher:
         backend = step.backend
         if isinstance(exc, UpstreamUnavailable | UpstreamTimeout) and not started:
             self.health.mark_down(backend, exc.message)
-        when = "mid-stream" if started else ("retrying" if exc.retryable else "not retried")
+        if not exc.retryable and not started:  # the client's own mistake, reported by the backend
+            log.info("request %s: backend %s refused it: %s", request_id, backend.name, exc)
+            return
+        when = "mid-stream" if started else "trying the next backend"
         log.warning("request %s: backend %s failed (%s): %s", request_id, backend.name, when, exc)
 
 

@@ -1,19 +1,29 @@
-"""Pure ASGI middleware: every answer carries ``X-Request-Id`` (the client's, or a new one)."""
+"""Pure ASGI middleware: the request id, and a short path to the hot endpoints.
+
+Every answer carries ``X-Request-Id`` (the client's when it sent a sane one, else a new one). The
+POST endpoints that carry inference traffic are called directly from here, skipping the generic
+router and exception middleware; their errors are rendered by the same envelope code.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import NexusError
+from .http import send_json
 
 REQUEST_ID_KEY = "nexus.request_id"
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 
-class RequestIdMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+class GatewayMiddleware:
+    def __init__(self, app: ASGIApp, hot_routes: Mapping[str, ASGIApp]) -> None:
         self.app = app
+        self.hot_routes = dict(hot_routes)  # path -> handler, for POST
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -33,4 +43,15 @@ class RequestIdMiddleware:
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        handler = self.hot_routes.get(scope["path"]) if scope["method"] == "POST" else None
+        if handler is None:
+            await self.app(scope, receive, send_with_id)
+            return
+        try:
+            await handler(scope, receive, send_with_id)
+        except NexusError as exc:
+            await send_json(send_with_id, exc.status_code, exc.body(), _encode(exc.headers()))
+
+
+def _encode(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]

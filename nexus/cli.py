@@ -62,9 +62,7 @@ def serve(
 
 
 def run(settings: Settings, path: str) -> None:
-    import uvicorn
-
-    from .app import create_app
+    from .serving import serve as serve_app
     from .telemetry.logging import configure_logging
 
     listener = configure_logging(settings.logging)
@@ -79,19 +77,7 @@ def run(settings: Settings, path: str) -> None:
             server.port,
             len(settings.backends),
         )
-        config = uvicorn.Config(
-            create_app(settings),
-            host=server.host,
-            port=server.port,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            access_log=False,
-            log_config=None,
-            server_header=False,
-            timeout_graceful_shutdown=int(server.shutdown_timeout_seconds) or None,
-        )
-        uvicorn.Server(config).run()
+        serve_app(settings)
     finally:
         listener.stop()
 

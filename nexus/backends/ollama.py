@@ -292,7 +292,6 @@ def chat_response(data: JSONDict, model: str) -> JSONDict:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "system_fingerprint": None,
         "choices": [
             {
                 "index": 0,
@@ -377,7 +376,6 @@ class OllamaStream(SSEStream):
             "object": "chat.completion.chunk",
             "created": self._created,
             "model": self._model,
-            "system_fingerprint": None,
             "choices": choices,
         }
         if usage is not None:

@@ -61,11 +61,24 @@ class SSEStream:
                 name, f"Backend '{name}' sent nothing for {self._idle:g}s during the stream"
             ) from exc
         except aiohttp.ClientPayloadError as exc:
+            if rest := self._unread():
+                yield rest
             raise UpstreamProtocolError(
                 name, f"Backend '{name}' broke off the stream: {exc}"
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
+            if rest := self._unread():
+                yield rest
             raise UpstreamUnavailable(name, f"Backend '{name}' stream failed: {exc}") from exc
+
+    def _unread(self) -> bytes:
+        """Bytes that arrived just before the connection broke. aiohttp raises the error before
+        handing them over, but they may hold whole events the client should still get."""
+        try:
+            rest: bytes = self._resp.content._read_nowait(-1)
+        except Exception:  # a private API: if it changes, the tail is lost, nothing worse
+            return b""
+        return rest
 
     async def aclose(self) -> None:
         # close(), not release(): an unfinished body must not go back to the pool, and closing

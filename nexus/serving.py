@@ -1,0 +1,38 @@
+"""Running the app under uvicorn, with a shutdown that ends the process cleanly."""
+
+from __future__ import annotations
+
+from types import FrameType
+
+import uvicorn
+
+from .app import create_app
+from .config import Settings
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn re-raises SIGTERM/SIGINT once it has shut down gracefully, so the process would
+    end as "killed by signal" (or, under click, "Aborted!"). After a clean shutdown we exit 0."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
+
+
+def serve(settings: Settings) -> None:
+    server = settings.server
+    config = uvicorn.Config(
+        create_app(settings),
+        host=server.host,
+        port=server.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=int(server.shutdown_timeout_seconds) or None,
+    )
+    GracefulServer(config).run()

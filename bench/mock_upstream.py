@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from email.utils import formatdate
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 
@@ -163,14 +163,32 @@ def _chunked_body(buf: bytearray, start: int) -> tuple[bytes, int] | None:
         pos = eol + 2 + size + 2
 
 
+def _parse_headers(lines: list[bytes], version: bytes) -> tuple[int, bool, bool, bool]:
+    """(Content-Length, chunked?, close after the response?, expects 100-continue?)."""
+    length, chunked, close, expect = 0, False, version != b"HTTP/1.1", False
+    for line in lines:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+        elif name == b"connection":
+            v = value.strip().lower()
+            close = v == b"close" or (close and v != b"keep-alive")
+        elif name == b"expect":
+            expect = value.strip().lower() == b"100-continue"
+    return length, chunked, close, expect
+
+
 class MockProtocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
+        self.continued = False  # "100 Continue" already sent for the request being read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -192,31 +210,23 @@ class MockProtocol(asyncio.Protocol):
             self._send(RESPONSES.get(400, _JSON, _error("bad request line"), True), True)
             return False
         method, target, version = parts
-        length, chunked, close = 0, False, version != b"HTTP/1.1"
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif name == b"connection":
-                v = value.strip().lower()
-                close = v == b"close" or (close and v != b"keep-alive")
+        length, chunked, close, expect = _parse_headers(lines[1:], version)
         if length > MAX_BODY:
             self._send(RESPONSES.get(413, _JSON, _error("body too large"), True), True)
             return False
         start = head_end + 4
-        if chunked:
-            got = _chunked_body(buf, start)
-            if got is None:
-                return False
+        got = _chunked_body(buf, start) if chunked else None
+        if chunked and got is not None:
             body, end = got
+        elif not chunked and len(buf) >= start + length:
+            body, end = bytes(buf[start : start + length]), start + length
         else:
-            end = start + length
-            if len(buf) < end:
-                return False
-            body = bytes(buf[start:end])
+            if expect and not self.continued:  # e.g. curl with a body over 1 KB
+                self.continued = True
+                assert self.transport is not None
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return False
+        self.continued = False
         del buf[:end]
         self._send(self._route(method, target.split(b"?", 1)[0], body, close), close)
         return True

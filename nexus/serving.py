@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from types import FrameType
 
 import uvicorn
@@ -35,4 +36,8 @@ def serve(settings: Settings) -> None:
         server_header=False,
         timeout_graceful_shutdown=int(server.shutdown_timeout_seconds) or None,
     )
+    # Everything built so far lives as long as the process: keep it out of the collector's
+    # way so that full collections stay short under load (fewer latency spikes).
+    gc.collect()
+    gc.freeze()
     GracefulServer(config).run()

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import NexusError
-from .http import send_json
+from .http import ClientGone, send_json
 
 REQUEST_ID_KEY = "nexus.request_id"
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
@@ -49,6 +49,8 @@ class GatewayMiddleware:
             return
         try:
             await handler(scope, receive, send_with_id)
+        except ClientGone:
+            return  # nobody is left to answer
         except NexusError as exc:
             await send_json(send_with_id, exc.status_code, exc.body(), _encode(exc.headers()))
 

@@ -13,7 +13,8 @@ from starlette.types import Receive, Scope, Send
 
 from ..errors import InvalidRequest, JSONDict
 from ..gateway import Gateway
-from .http import ClientGone, client_headers, dumps, parse_object, read_body, send_json
+from .disconnect import DisconnectGuard
+from .http import client_headers, dumps, parse_object, read_body, send_json
 from .middleware import REQUEST_ID_KEY
 from .sse import send_stream
 
@@ -28,38 +29,34 @@ class ChatCompletions:
     """``POST /v1/chat/completions``, streaming and not."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            raw = await read_body(scope, receive)
-        except ClientGone:
-            return
+        raw = await read_body(scope, receive)
         body = parse_object(raw)
         check_chat(body)
         dispatcher = gateway_of(scope).dispatcher
         headers = client_headers(scope)
         request_id: str = scope[REQUEST_ID_KEY]
-        if body.get("stream") is True:
-            result = await dispatcher.stream(body, raw, headers, request_id)
-            await send_stream(receive, send, result)
-            return
-        completion, served = await dispatcher.complete("chat", body, raw, headers, request_id)
-        await send_json(send, 200, completion.body, served.headers())
+        async with DisconnectGuard(receive, send) as guard:
+            if body.get("stream") is True:
+                result = await dispatcher.stream(body, raw, headers, request_id)
+                await send_stream(guard.send, result)
+                return
+            completion, served = await dispatcher.complete("chat", body, raw, headers, request_id)
+            await send_json(guard.send, 200, completion.body, served.headers())
 
 
 class Embeddings:
     """``POST /v1/embeddings``: a string or a list of inputs; the backend's usage is returned."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            raw = await read_body(scope, receive)
-        except ClientGone:
-            return
+        raw = await read_body(scope, receive)
         body = parse_object(raw)
         check_embeddings(body)
         dispatcher = gateway_of(scope).dispatcher
-        completion, served = await dispatcher.complete(
-            "embeddings", body, raw, client_headers(scope), scope[REQUEST_ID_KEY]
-        )
-        await send_json(send, 200, completion.body, served.headers())
+        async with DisconnectGuard(receive, send) as guard:
+            completion, served = await dispatcher.complete(
+                "embeddings", body, raw, client_headers(scope), scope[REQUEST_ID_KEY]
+            )
+            await send_json(guard.send, 200, completion.body, served.headers())
 
 
 class Models:

@@ -7,8 +7,10 @@ router and exception middleware; their errors are rendered by the same envelope 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,6 +19,7 @@ from ..errors import NexusError
 from .http import ClientGone, send_json
 
 REQUEST_ID_KEY = "nexus.request_id"
+access_log = logging.getLogger("nexus.access")
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 
@@ -38,21 +41,53 @@ class GatewayMiddleware:
             request_id = os.urandom(16).hex().encode()
         scope[REQUEST_ID_KEY] = request_id.decode()
 
+        start: list[Message] = []
+
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+                start.append(message)
             await send(message)
 
         handler = self.hot_routes.get(scope["path"]) if scope["method"] == "POST" else None
         if handler is None:
             await self.app(scope, receive, send_with_id)
             return
+        began = time.perf_counter()
         try:
             await handler(scope, receive, send_with_id)
         except ClientGone:
-            return  # nobody is left to answer
+            pass  # nobody is left to answer
         except NexusError as exc:
             await send_json(send_with_id, exc.status_code, exc.body(), _encode(exc.headers()))
+        if access_log.isEnabledFor(logging.INFO):
+            _log_request(scope, start[0] if start else None, time.perf_counter() - began)
+
+
+def _log_request(scope: Scope, start: Message | None, seconds: float) -> None:
+    """One line per inference request; status 499 means the client left before the answer."""
+    headers = dict(start["headers"]) if start else {}
+    status = start["status"] if start else 499
+    backend = headers.get(b"x-nexus-backend", b"-").decode()
+    reason = headers.get(b"x-nexus-route-reason", b"-").decode()
+    request_id = scope[REQUEST_ID_KEY]
+    access_log.info(
+        "%s %s %d %.1fms backend=%s route=%s request_id=%s",
+        scope["method"],
+        scope["path"],
+        status,
+        seconds * 1000,
+        backend,
+        reason,
+        request_id,
+        extra={
+            "request_id": request_id,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+            "backend": backend,
+            "route_reason": reason,
+        },
+    )
 
 
 def _encode(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import orjson
 
-from .backends import Adapters, Call, Completion, EventStream
+from .backends import Adapter, Adapters, Call, Completion, EventStream
 from .backends.sse import DONE, is_done
 from .config import RoutingSettings
 from .errors import (
@@ -34,6 +34,7 @@ from .routing.planner import Plan, Step, plan_request
 log = logging.getLogger("nexus.dispatch")
 
 Kind = Literal["chat", "embeddings"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,60 +84,61 @@ class Dispatcher:
         self, kind: Kind, body: JSONDict, raw: bytes, client: Mapping[str, str], request_id: str
     ) -> tuple[Completion, Served]:
         """A whole (non-streaming) answer from the first step of the plan that gives one."""
-        plan = self.plan(body["model"])
-        last: UpstreamError | None = None
-        for index, step in enumerate(self._attempts(plan)):
-            backend = step.backend
-            adapter = self.adapters.for_type(backend.type)
-            if adapter is None:
-                continue
-            call = Call(body, raw, step.model, upstream_headers(step, client, request_id))
-            backend.in_flight += 1
-            backend.total_requests += 1
+
+        async def attempt(adapter: Adapter, step: Step, call: Call) -> Completion:
             try:
                 if kind == "chat":
-                    result = await adapter.chat(backend, call)
-                else:
-                    result = await adapter.embeddings(backend, call)
-            except UpstreamError as exc:
-                self._failed(step, exc, request_id)
-                if not exc.retryable:
-                    raise
-                last = exc
-                continue
+                    return await adapter.chat(step.backend, call)
+                return await adapter.embeddings(step.backend, call)
             finally:
-                backend.in_flight -= 1
-            return result, Served(step, plan.route_reason(index), index + 1)
-        raise last or ServiceUnavailable(f"No backend could serve model '{plan.requested}'")
+                step.backend.in_flight -= 1
+
+        return await self._walk(body, raw, client, request_id, attempt)
 
     async def stream(
         self, body: JSONDict, raw: bytes, client: Mapping[str, str], request_id: str
     ) -> StreamResult:
-        """Open a stream on the first step that answers; failover ends at the first event."""
+        """Open a stream on the first step that answers; failover ends at the first event.
+        The backend's in-flight slot is held until the relay ends."""
+
+        async def attempt(adapter: Adapter, step: Step, call: Call) -> EventStream:
+            try:
+                return await adapter.open_stream(step.backend, call)
+            except BaseException:
+                step.backend.in_flight -= 1
+                raise
+
+        upstream, served = await self._walk(body, raw, client, request_id, attempt)
+        return StreamResult(served, self._relay(upstream, served.step, request_id))
+
+    async def _walk(
+        self,
+        body: JSONDict,
+        raw: bytes,
+        client: Mapping[str, str],
+        request_id: str,
+        attempt: Callable[[Adapter, Step, Call], Awaitable[T]],
+    ) -> tuple[T, Served]:
+        """Try the plan's steps in order until one answers; ``attempt`` owns the in-flight slot
+        taken here (it releases it when the answer is complete, or at once when it fails)."""
         plan = self.plan(body["model"])
         last: UpstreamError | None = None
-        for index, step in enumerate(self._attempts(plan)):
-            backend = step.backend
-            adapter = self.adapters.for_type(backend.type)
+        for index, step in enumerate(plan.steps[: self.routing.max_retries + 1]):
+            adapter = self.adapters.for_type(step.backend.type)
             if adapter is None:
                 continue
             call = Call(body, raw, step.model, upstream_headers(step, client, request_id))
-            backend.in_flight += 1
-            backend.total_requests += 1
+            step.backend.in_flight += 1
+            step.backend.total_requests += 1
             try:
-                upstream = await adapter.open_stream(backend, call)
+                result = await attempt(adapter, step, call)
             except UpstreamError as exc:
-                backend.in_flight -= 1
                 self._failed(step, exc, request_id)
                 if not exc.retryable:
                     raise
                 last = exc
                 continue
-            except BaseException:
-                backend.in_flight -= 1
-                raise
-            served = Served(step, plan.route_reason(index), index + 1)
-            return StreamResult(served, self._relay(upstream, step, request_id))
+            return result, Served(step, plan.route_reason(index), index + 1)
         raise last or ServiceUnavailable(f"No backend could serve model '{plan.requested}'")
 
     async def _relay(
@@ -158,9 +160,6 @@ class Dispatcher:
             await upstream.aclose()
         if not done:
             yield DONE
-
-    def _attempts(self, plan: Plan) -> list[Step]:
-        return plan.steps[: self.routing.max_retries + 1]
 
     def _failed(
         self, step: Step, exc: UpstreamError, request_id: str, *, started: bool = False

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import uvicorn
@@ -111,3 +112,23 @@ def settings_for(*backends: tuple[str, FakeUpstream, str], **sections: Any) -> S
         else:
             data[key] = {**data.get(key, {}), **value}
     return settings_from_dict(data)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Check ``condition`` until it holds or ``timeout`` passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return condition()
+        time.sleep(0.01)
+    return True
+
+
+def data_events(body: str) -> list[str]:
+    """The ``data:`` payloads of an SSE body, in order (``[DONE]`` included)."""
+    events = []
+    for block in body.replace("\r\n", "\n").split("\n\n"):
+        lines = [line[5:].strip() for line in block.split("\n") if line.startswith("data:")]
+        if lines:
+            events.append("\n".join(lines))
+    return events

@@ -9,19 +9,9 @@ import pytest
 
 from tests.contract.openapi import ValidationError, errors, validate
 from tests.fakes import DONE, FakeOllama, FakeOpenAI, Reply, chunk, completion, sse
-from tests.harness import settings_for
+from tests.harness import data_events, settings_for
 
 CHAT = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def data_events(body: str) -> list[str]:
-    """The ``data:`` payloads of an SSE body, in order (``[DONE]`` included)."""
-    events = []
-    for block in body.replace("\r\n", "\n").split("\n\n"):
-        lines = [line[5:].strip() for line in block.split("\n") if line.startswith("data:")]
-        if lines:
-            events.append("\n".join(lines))
-    return events
 
 
 def stream_chunks(client, url: str, body: dict[str, Any]) -> list[Any]:

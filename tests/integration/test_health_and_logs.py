@@ -4,24 +4,13 @@ leaves one log line carrying its request id."""
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 
 from nexus.registry import Status
 from tests.fakes import FakeOpenAI
-from tests.harness import settings_for
+from tests.harness import settings_for, wait_for
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return condition()
-        time.sleep(0.01)
-    return True
 
 
 def test_backend_marked_down_by_a_request_recovers_through_probes(

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from tests.fakes import FakeOllama, Reply
-from tests.harness import settings_for
+from tests.harness import data_events, settings_for
 
 USER = [{"role": "user", "content": "hi"}]
 PNG_B64 = base64.b64encode(b"\x89PNG\r\n\x1a\nfake-image-bytes").decode()
@@ -31,15 +31,6 @@ class PerModelOllama(FakeOllama):
 
 def ndjson(*lines: dict[str, Any]) -> list[bytes]:
     return [orjson.dumps(line) + b"\n" for line in lines]
-
-
-def data_events(body: str) -> list[str]:
-    events = []
-    for block in body.replace("\r\n", "\n").split("\n\n"):
-        lines = [line[5:].strip() for line in block.split("\n") if line.startswith("data:")]
-        if lines:
-            events.append("\n".join(lines))
-    return events
 
 
 def ollama_line(content: str = "", done: bool = False, **extra: Any) -> dict[str, Any]:

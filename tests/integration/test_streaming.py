@@ -4,8 +4,6 @@ mid-stream, and a client that leaves (issue 8)."""
 from __future__ import annotations
 
 import socket
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx2
@@ -14,7 +12,7 @@ import orjson
 import pytest
 
 from tests.fakes import DONE, FakeOpenAI, Reply, chunk, sse, text_stream
-from tests.harness import settings_for
+from tests.harness import settings_for, wait_for
 
 CHAT = "/v1/chat/completions"
 STREAM_BODY = {
@@ -34,16 +32,6 @@ def split_events(raw: bytes) -> list[bytes]:
 def data_of(event: bytes) -> Any:
     assert event.startswith(b"data: "), event
     return orjson.loads(event[len(b"data: ") :])
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll ``condition`` until it holds or ``timeout`` passes; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return condition()
-        time.sleep(0.01)
-    return True
 
 
 def stream_all(client: httpx2.Client, url: str, body: dict[str, Any] | None = None) -> Any:

@@ -39,7 +39,12 @@ def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) 
             stream_idle=server.stream_idle_timeout_seconds,
             probe=settings.health_check.timeout_seconds,
         )
-        connector = aiohttp.TCPConnector(limit=server.max_concurrent_requests, ttl_dns_cache=60)
+        # Idle upstream connections are dropped after 4 s, before servers built on uvicorn
+        # (vLLM among them; 5 s) close theirs: a POST on a connection the server already closed
+        # would fail for nothing.
+        connector = aiohttp.TCPConnector(
+            limit=server.max_concurrent_requests, ttl_dns_cache=60, keepalive_timeout=4
+        )
         async with aiohttp.ClientSession(connector=connector) as session:
             adapters = Adapters(session, timeouts)
             health = HealthChecker(registry, adapters, settings.health_check)

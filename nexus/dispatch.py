@@ -23,9 +23,9 @@ from .errors import (
     JSONDict,
     NexusError,
     ServiceUnavailable,
+    UpstreamConnectError,
     UpstreamError,
     UpstreamTimeout,
-    UpstreamUnavailable,
 )
 from .health import HealthChecker
 from .registry import Registry
@@ -165,7 +165,9 @@ class Dispatcher:
         self, step: Step, exc: UpstreamError, request_id: str, *, started: bool = False
     ) -> None:
         backend = step.backend
-        if isinstance(exc, UpstreamUnavailable | UpstreamTimeout) and not started:
+        # Down for sure: it refused the connection or let the request time out. A connection
+        # dropped on reuse (the backend closed an idle keep-alive) only moves to the next one.
+        if isinstance(exc, UpstreamConnectError | UpstreamTimeout) and not started:
             self.health.mark_down(backend, exc.message)
         if not exc.retryable and not started:  # the client's own mistake, reported by the backend
             log.info("request %s: backend %s refused it: %s", request_id, backend.name, exc)

@@ -11,6 +11,7 @@
         NoHealthyBackend               503     service_unavailable     service_unavailable +context
       UpstreamError                    (the backend's failure, mapped once in backends/base.py)
         UpstreamUnavailable            502     server_error            bad_gateway
+          UpstreamConnectError         502     server_error            bad_gateway  (cannot connect)
         UpstreamProtocolError          502     server_error            bad_gateway
         UpstreamTimeout                504     server_error            gateway_timeout
         UpstreamStatusError            upstream status; body kept when it is an OpenAI envelope
@@ -142,6 +143,10 @@ class UpstreamUnavailable(UpstreamError):
     status = 502
     type = "server_error"
     code = "bad_gateway"
+
+
+class UpstreamConnectError(UpstreamUnavailable):
+    """No connection could be made at all: the backend is down, not merely misbehaving."""
 
 
 class UpstreamProtocolError(UpstreamError):

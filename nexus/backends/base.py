@@ -17,6 +17,7 @@ import orjson
 
 from ..errors import (
     JSONDict,
+    UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamStatusError,
@@ -169,7 +170,7 @@ async def upstream_errors(backend: Backend, limit: float) -> AsyncIterator[None]
             backend.name, f"Backend '{backend.name}' did not answer within {limit:g}s"
         ) from exc
     except aiohttp.ClientConnectorError as exc:
-        raise UpstreamUnavailable(
+        raise UpstreamConnectError(
             backend.name, f"Backend '{backend.name}' is unreachable: {exc.strerror or exc}"
         ) from exc
     except (aiohttp.ClientError, OSError) as exc:

@@ -19,48 +19,63 @@ from .api.middleware import GatewayMiddleware
 from .api.openai import ChatCompletions, Embeddings, Models
 from .backends import SUPPORTED_TYPES, Adapters, Timeouts
 from .config import BackendSettings, Settings
+from .discovery import Discovery
 from .dispatch import Dispatcher
+from .errors import NO_BACKENDS_HINT
 from .gateway import Gateway
 from .health import HealthChecker
+from .managed import ManagedError, ManagedServer, embedded_default
 from .registry import Backend, Registry, Status
 
 log = logging.getLogger("nexus.app")
 
 
 def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) -> Starlette:
-    registry = Registry(backend_from(spec, environ) for spec in settings.backends)
+    specs = settings.backends or embedded_default(settings.embedded.enabled)
+    registry = Registry(backend_from(spec, environ) for spec in specs)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        server = settings.server
-        timeouts = Timeouts(
-            connect=server.connect_timeout_seconds,
-            request=server.request_timeout_seconds,
-            stream_idle=server.stream_idle_timeout_seconds,
-            probe=settings.health_check.timeout_seconds,
-        )
-        # Idle upstream connections are dropped after 4 s, before servers built on uvicorn
-        # (vLLM among them; 5 s) close theirs: a POST on a connection the server already closed
-        # would fail for nothing.
-        connector = aiohttp.TCPConnector(
-            limit=server.max_concurrent_requests, ttl_dns_cache=60, keepalive_timeout=4
-        )
-        async with aiohttp.ClientSession(connector=connector) as session:
-            adapters = Adapters(session, timeouts)
+        async with contextlib.AsyncExitStack() as stack:
+            session = await stack.enter_async_context(upstream_session(settings))
+            adapters = Adapters(session, timeouts_of(settings))
             health = HealthChecker(registry, adapters, settings.health_check)
             dispatcher = Dispatcher(registry, adapters, health, settings.routing)
             app.state.gateway = Gateway(settings, registry, health, dispatcher)
             for backend in registry:
-                if backend.config_error:
-                    log.warning("backend %s is unusable: %s", backend.name, backend.config_error)
+                if backend.unavailable:
+                    log.warning("backend %s is unusable: %s", backend.name, backend.unavailable)
+
+            # Managed servers must serve before the first probe; so must the local ports found.
+            managed = [
+                ManagedServer(
+                    registry.get(spec.name) or _missing(spec.name),
+                    spec.managed,
+                    session,
+                    on_down=mark_unhealthy,
+                    on_ready=health.revive,
+                )
+                for spec in specs
+                if spec.managed is not None
+            ]
+            app.state.gateway.managed = managed
+            stack.push_async_callback(_stop_all, managed)
+            await asyncio.gather(*(start_managed(server) for server in managed))
+            discovery = Discovery(registry, health, settings.discovery, settings.server, session)
+            if settings.discovery.enabled:
+                await discovery.probe_local_ports()
             await health.start()
-            tasks = [asyncio.create_task(health.run())] if settings.health_check.enabled else []
-            try:
-                yield
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            if settings.discovery.enabled:
+                stack.push_async_callback(discovery.stop)
+                await discovery.start()
+
+            tasks = [asyncio.create_task(server.supervise()) for server in managed]
+            if settings.health_check.enabled:
+                tasks.append(asyncio.create_task(health.run()))
+            stack.push_async_callback(_cancel_all, tasks)
+            if not len(registry):
+                log.warning(NO_BACKENDS_HINT)
+            yield
 
     hot_routes: dict[str, ASGIApp] = {
         "/v1/chat/completions": ChatCompletions(),
@@ -81,10 +96,58 @@ def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) 
     )
 
 
+def upstream_session(settings: Settings) -> aiohttp.ClientSession:
+    # Idle upstream connections are dropped after 4 s, before servers built on uvicorn (vLLM
+    # among them; 5 s) close theirs: a POST on a connection the server already closed would fail.
+    connector = aiohttp.TCPConnector(
+        limit=settings.server.max_concurrent_requests, ttl_dns_cache=60, keepalive_timeout=4
+    )
+    return aiohttp.ClientSession(connector=connector)
+
+
+def timeouts_of(settings: Settings) -> Timeouts:
+    server = settings.server
+    return Timeouts(
+        connect=server.connect_timeout_seconds,
+        request=server.request_timeout_seconds,
+        stream_idle=server.stream_idle_timeout_seconds,
+        probe=settings.health_check.timeout_seconds,
+    )
+
+
+async def start_managed(server: ManagedServer) -> None:
+    try:
+        await server.start()
+    except ManagedError as exc:
+        log.error("managed backend %s cannot start: %s", server.backend.name, exc)
+        mark_unhealthy(server.backend, str(exc))
+
+
+def mark_unhealthy(backend: Backend, reason: str) -> None:
+    """A managed backend's process is not running: do not probe or route until it is back."""
+    backend.unavailable = reason
+    backend.status = Status.UNHEALTHY
+    backend.last_error = reason
+
+
+async def _stop_all(servers: list[ManagedServer]) -> None:
+    await asyncio.gather(*(server.stop() for server in servers))
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _missing(name: str) -> Backend:
+    raise RuntimeError(f"backend {name} vanished from the registry during start-up")
+
+
 def backend_from(spec: BackendSettings, environ: Mapping[str, str] | None = None) -> Backend:
     backend = Backend(
         name=spec.name,
-        url=spec.url,
+        url=spec.url or "http://127.0.0.1:0",  # a managed backend's URL is set when it starts
         type=spec.type,
         priority=spec.priority,
         zone=spec.effective_zone,
@@ -92,12 +155,12 @@ def backend_from(spec: BackendSettings, environ: Mapping[str, str] | None = None
         api_key=spec.api_key(environ),
     )
     if spec.type not in SUPPORTED_TYPES:
-        backend.config_error = f"backend type '{spec.type}' is not supported yet"
+        backend.unavailable = f"backend type '{spec.type}' is not supported yet"
     elif spec.api_key_env and backend.api_key is None:
-        backend.config_error = f"environment variable {spec.api_key_env} (api_key_env) is not set"
+        backend.unavailable = f"environment variable {spec.api_key_env} (api_key_env) is not set"
     elif spec.type == "openai" and not spec.api_key_env:
-        backend.config_error = "type 'openai' needs api_key_env naming the variable with its key"
-    if backend.config_error:
+        backend.unavailable = "type 'openai' needs api_key_env naming the variable with its key"
+    if backend.unavailable:
         backend.status = Status.UNHEALTHY
-        backend.last_error = backend.config_error
+        backend.last_error = backend.unavailable
     return backend

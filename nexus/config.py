@@ -56,6 +56,10 @@ class DiscoverySettings(_Section):
     # Where mDNS runs: None means every interface; tests and scripts pin ["127.0.0.1"].
     interfaces: list[str] | None = None
     advertise: bool = True
+    # Probed once at start on 127.0.0.1: Ollama, LM Studio, llama.cpp's default ports.
+    probe_local_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
+        default_factory=lambda: [11434, 1234, 8080]
+    )
 
 
 class HealthCheckSettings(_Section):
@@ -131,10 +135,31 @@ class QueueSettings(_Section):
     max_wait_seconds: Annotated[int, Field(ge=1)] = 30
 
 
+class ManagedSettings(_Section):
+    """A llama.cpp ``llama-server`` that Nexus starts, supervises and stops itself."""
+
+    model: Annotated[str, Field(min_length=1)]  # path of the GGUF file to serve
+    alias: str | None = None  # the model's name in the API; default: the file name's stem
+    binary: str | None = None  # default: the build cached by scripts/, else llama-server on PATH
+    slots: Annotated[int, Field(ge=1, le=256)] = 4  # requests served at once (-np)
+    context: Annotated[int, Field(ge=128)] = 4096  # context shared by the slots (-c)
+    threads: Annotated[int, Field(ge=1)] | None = None
+    embeddings: bool = False  # serve embeddings (--embeddings --pooling ...)
+    pooling: Literal["mean", "cls", "last", "none"] = "mean"
+    port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0: a free loopback port
+    startup_timeout_seconds: Annotated[float, Field(gt=0)] = 120
+    extra_args: list[str] = Field(default_factory=list)
+
+    @property
+    def model_name(self) -> str:
+        return self.alias or Path(self.model).name.removesuffix(".gguf")
+
+
 class BackendSettings(_Section):
     name: Annotated[str, Field(min_length=1)]
-    url: str
+    url: str | None = None  # required unless the backend is managed
     type: BackendType
+    managed: ManagedSettings | None = None
     priority: int = 50
     api_key_env: str | None = None
     zone: Literal["restricted", "open"] | None = None
@@ -147,8 +172,19 @@ class BackendSettings(_Section):
 
     @field_validator("url")
     @classmethod
-    def _check_url(cls, value: str) -> str:
-        return normalise_url(value)
+    def _check_url(cls, value: str | None) -> str | None:
+        return None if value is None else normalise_url(value)
+
+    @model_validator(mode="after")
+    def _url_or_managed(self) -> BackendSettings:
+        if self.managed is not None:
+            if self.type != "llamacpp":
+                raise ValueError('a managed backend must have type = "llamacpp"')
+            if self.url is not None:
+                raise ValueError("a managed backend gets its URL from Nexus; remove 'url'")
+        elif self.url is None:
+            raise ValueError("'url' is required (or a [backends.managed] table)")
+        return self
 
     def api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
         """The key named by ``api_key_env``, read from the environment (None when unset)."""
@@ -164,6 +200,12 @@ class BackendSettings(_Section):
         return "open" if self.type in CLOUD_TYPES else "restricted"
 
 
+class EmbeddedSettings(_Section):
+    # With no [[backends]] configured, serve SmolLM2-135M through a managed llama-server when
+    # scripts/serve (or scripts/build-llama-server and the model) have put both in the cache.
+    enabled: bool = True
+
+
 class Settings(_Section):
     server: ServerSettings = Field(default_factory=ServerSettings)
     discovery: DiscoverySettings = Field(default_factory=DiscoverySettings)
@@ -172,6 +214,7 @@ class Settings(_Section):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
     backends: list[BackendSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -184,6 +227,16 @@ class Settings(_Section):
                 )
             seen.add(backend.name)
         return self
+
+
+def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where builds, models and logs of managed backends live: ``$NEXUS_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/nexus``, else ``~/.cache/nexus``."""
+    env = os.environ if environ is None else environ
+    if env.get("NEXUS_CACHE_DIR"):
+        return Path(env["NEXUS_CACHE_DIR"])
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nexus"
 
 
 def normalise_url(value: str) -> str:

@@ -59,6 +59,13 @@ def error_envelope(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+NO_BACKENDS_HINT = (
+    "Nexus has no backends yet. Add a [[backends]] entry to nexus.toml (`nexus config init` "
+    "writes an example), start Ollama (port 11434), LM Studio (1234) or llama.cpp's llama-server "
+    "(8080) on this machine, or announce a server over mDNS (_ollama._tcp or _llm._tcp)."
+)
+
+
 class InvalidRequest(NexusError):
     status = 400
     type = "invalid_request_error"

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from .config import Settings
 from .dispatch import Dispatcher
 from .health import HealthChecker
+from .managed import ManagedServer
 from .registry import Registry
 
 
@@ -17,6 +18,7 @@ class Gateway:
     registry: Registry
     health: HealthChecker
     dispatcher: Dispatcher
+    managed: list[ManagedServer] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
     started_monotonic: float = field(default_factory=time.monotonic)
 

@@ -51,7 +51,7 @@ class HealthChecker:
         self._running: set[str] = set()
 
     async def check_all(self) -> None:
-        backends = [b for b in self.registry if b.config_error is None]
+        backends = [b for b in self.registry if b.unavailable is None]
         await asyncio.gather(*(self.check(backend) for backend in backends))
 
     async def check(self, backend: Backend) -> None:
@@ -108,6 +108,14 @@ class HealthChecker:
         self._recheck.add(backend.name)
         self._wake.set()
 
+    async def revive(self, backend: Backend) -> None:
+        """The backend is known to be back (restarted, re-announced): forget its history and
+        probe it now, so one good answer makes it routable again."""
+        backend.unavailable = None
+        backend.status = Status.UNKNOWN
+        backend.consecutive_failures = backend.consecutive_successes = 0
+        await self.check(backend)
+
     def _transition(self, backend: Backend, status: Status) -> None:
         old = backend.status
         backend.status = status
@@ -137,5 +145,5 @@ class HealthChecker:
         await self.check_all()
         if not self.settings.enabled:
             for backend in self.registry:
-                if backend.config_error is None:
+                if backend.unavailable is None:
                     backend.status = Status.HEALTHY

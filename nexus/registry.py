@@ -45,8 +45,9 @@ class Backend:
     tier: int = 1
     api_key: str | None = None
     source: str = "static"
-    # A reason the backend cannot be used at all (e.g. its API key is missing); never probed then.
-    config_error: str | None = None
+    # Why the backend cannot be used or probed at all right now: its configuration (a missing
+    # API key) or, for a managed backend, a server process that is not running.
+    unavailable: str | None = None
     status: Status = Status.UNKNOWN
     models: dict[str, Model] = field(default_factory=dict)
     in_flight: int = 0

@@ -102,6 +102,7 @@ def settings_for(*backends: tuple[str, FakeUpstream, str], **sections: Any) -> S
     data: dict[str, Any] = {
         "discovery": {"enabled": False, "interfaces": ["127.0.0.1"]},
         "health_check": {"interval_seconds": 3600},
+        "embedded": {"enabled": False},
         "backends": [
             {"name": name, "url": fake.url, "type": kind} for name, fake, kind in backends
         ],

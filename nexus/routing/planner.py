@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import RoutingSettings
-from ..errors import ModelNotFound, NoHealthyBackend
+from ..errors import NO_BACKENDS_HINT, ModelNotFound, NoHealthyBackend, ServiceUnavailable
 from ..registry import Backend, Registry
 from .aliases import resolve
 
@@ -70,6 +70,8 @@ def plan_request(registry: Registry, routing: RoutingSettings, model: str) -> Pl
     if plan.steps:
         return plan
     if not known:
+        if not len(registry):
+            raise ServiceUnavailable(NO_BACKENDS_HINT)
         raise ModelNotFound(model, _available(registry, routing.aliases))
     raise NoHealthyBackend(model, _context(plan, registry, list(fallbacks)))
 
@@ -90,7 +92,7 @@ def _add_steps(plan: Plan, registry: Registry, model: str, *, fallback: str | No
 
 
 def _unhealthy(backend: Backend, model: str) -> Exclusion:
-    why = backend.config_error or backend.last_error or "not yet checked"
+    why = backend.unavailable or backend.last_error or "not yet checked"
     return Exclusion(
         backend=backend.name,
         model=model,

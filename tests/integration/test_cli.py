@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from tests.fakes import FakeOpenAI, Reply, completion
 NEXUS = Path(sys.executable).parent / "nexus"
 START_DEADLINE = 30.0
 EXIT_DEADLINE = 15.0
+EMPTY_CACHE = tempfile.mkdtemp(prefix="nexus-test-cache-")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -38,6 +40,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The test's environment without any NEXUS_* variable, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env["NEXUS_CACHE_DIR"] = EMPTY_CACHE  # no embedded default from the machine's cache
     env.update(extra or {})
     return env
 

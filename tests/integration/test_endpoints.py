@@ -228,8 +228,8 @@ def test_backend_with_missing_key_is_unhealthy_and_never_probed(start_fake, star
     body = client.get(f"{nexus.url}/health").json()
     assert body["backends"] == {"total": 1, "healthy": 0, "unhealthy": 1}
     backend = nexus.gateway.registry.get("cloud")
-    assert backend is not None and backend.config_error is not None
-    assert "NEXUS_TEST_UNSET_KEY" in backend.config_error
+    assert backend is not None and backend.unavailable is not None
+    assert "NEXUS_TEST_UNSET_KEY" in backend.unavailable
 
 
 # --- health probes -----------------------------------------------------------------------------

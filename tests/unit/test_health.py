@@ -108,8 +108,8 @@ def test_without_health_checks_backends_are_trusted_and_never_marked_down():
     assert backend.status is Status.HEALTHY
 
 
-def test_backends_with_a_config_error_are_never_probed():
+def test_backends_with_a_unavailable_are_never_probed():
     checker, adapter, backend, _ = make()
-    backend.config_error = "no key"
+    backend.unavailable = "no key"
     asyncio.run(checker.check_all())
     assert adapter.calls == 0

@@ -16,7 +16,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 
 import aiohttp
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
@@ -63,6 +63,7 @@ class Discovery:
         self._by_instance: dict[str, str] = {}  # mDNS instance name -> backend name
         self._removals: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._announcing: Awaitable[object] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -90,6 +91,9 @@ class Discovery:
         await self._close_zeroconf()
 
     async def _close_zeroconf(self) -> None:
+        if isinstance(self._announcing, asyncio.Future) and not self._announcing.done():
+            self._announcing.cancel()
+            await asyncio.gather(self._announcing, return_exceptions=True)
         with contextlib.suppress(Exception):  # shutting down: nothing useful to do with errors
             if self.browser is not None:
                 await self.browser.async_cancel()
@@ -183,7 +187,8 @@ class Discovery:
             parsed_addresses=addresses,
             server=f"{host}.local.",
         )
-        await self.zeroconf.async_register_service(info, allow_name_change=True)
+        # The returned task repeats the announcement for a second; it is not waited for.
+        self._announcing = await self.zeroconf.async_register_service(info, allow_name_change=True)
         self.announced = info
         log.info("mDNS: announced as %s on %s", info.name, ", ".join(addresses))
 

@@ -16,7 +16,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 
 import aiohttp
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
@@ -76,7 +76,7 @@ class Discovery:
                     self.zeroconf.zeroconf, types, handlers=[self._on_change]
                 )
             if self.settings.advertise:
-                await self._advertise()
+                self._spawn(self._advertise_when_listening())
         except (OSError, ValueError, RuntimeError) as exc:
             log.warning("mDNS is unavailable here (%s); serving without discovery", exc)
             await self._close_zeroconf()
@@ -114,7 +114,10 @@ class Discovery:
         if state_change is ServiceStateChange.Removed:
             self._service_gone(name)
             return
-        task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
+        self._spawn(self._resolve(service_type, name))
+
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -171,6 +174,25 @@ class Discovery:
         while self.registry.get(candidate) is not None:
             candidate, n = f"{name}-{n}", n + 1
         return candidate
+
+    async def _advertise_when_listening(self) -> None:
+        """Announce only once the server accepts connections (start-up runs before it binds),
+        so that whoever finds Nexus can use it straight away."""
+        host = "127.0.0.1" if self.server.host in ("0.0.0.0", "") else self.server.host
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while loop.time() < deadline:
+            try:
+                _, writer = await asyncio.open_connection(host, self.server.port)
+            except OSError:
+                await asyncio.sleep(0.05)  # not listening yet
+                continue
+            writer.close()
+            break
+        try:
+            await self._advertise()
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.warning("mDNS: could not announce Nexus (%s)", exc)
 
     async def _advertise(self) -> None:
         assert self.zeroconf is not None

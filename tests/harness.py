@@ -47,8 +47,13 @@ class NexusServer:
 
     def __init__(self, loop: LoopThread, settings: Settings) -> None:
         self.loop = loop
-        self.settings = settings
-        self.app = create_app(settings)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        server = settings.server.model_copy(update={"port": self.port})
+        self.settings = settings.model_copy(update={"server": server})
+        self.app = create_app(self.settings)
         self.server = uvicorn.Server(
             uvicorn.Config(
                 self.app,
@@ -58,10 +63,6 @@ class NexusServer:
                 timeout_graceful_shutdown=2,
             )
         )
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.task: asyncio.Task[None] | None = None
 
     @property

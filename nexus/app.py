@@ -73,6 +73,8 @@ def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) 
             if settings.health_check.enabled:
                 tasks.append(asyncio.create_task(health.run()))
             stack.push_async_callback(_cancel_all, tasks)
+            if not settings.backends and specs:
+                log.info("no backends configured: serving the embedded default (smollm2-135m)")
             if not len(registry):
                 log.warning(NO_BACKENDS_HINT)
             yield

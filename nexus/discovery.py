@@ -140,7 +140,8 @@ class Discovery:
         found.name = self._unique_name(found.name)
         self.registry.add(found)
         self._by_instance[name] = found.name
-        log.info("mDNS: found %s backend %s at %s", found.type, found.name, found.url)
+        version = f" version {found.version}" if found.version else ""
+        log.info("mDNS: found %s%s backend %s at %s", found.type, version, found.name, found.url)
         await self.health.check(found)
 
     async def _service_back(self, instance: str, backend: Backend, url: str) -> None:
@@ -285,7 +286,9 @@ def backend_from_service(
     except ValueError:
         return None
     label = instance.removesuffix("." + service_type).removesuffix(service_type)
-    return discovered(label.replace("_", " ").strip() or host, url, backend_type, source="mdns")
+    backend = discovered(label.replace("_", " ").strip() or host, url, backend_type, source="mdns")
+    backend.version = props.get("version") or None
+    return backend
 
 
 def discovered(name: str, url: str, backend_type: str, *, source: str) -> Backend:

@@ -44,7 +44,8 @@ class Backend:
     zone: str = "restricted"
     tier: int = 1
     api_key: str | None = None
-    source: str = "static"
+    source: str = "static"  # static | mdns | probe
+    version: str | None = None  # as announced (mDNS TXT "version")
     # Why the backend cannot be used or probed at all right now: its configuration (a missing
     # API key) or, for a managed backend, a server process that is not running.
     unavailable: str | None = None

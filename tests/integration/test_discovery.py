@@ -99,6 +99,7 @@ def test_an_announced_ollama_appears_and_goes_after_the_grace_period(
     backend = nexus.gateway.registry.get("test node")
     assert backend is not None and backend.source == "mdns" and backend.type == "ollama"
     assert backend.url == fake.url
+    assert backend.version == "0.5"
     reply = client.post(
         nexus.url + CHAT, json={"model": "qwen2.5", "messages": [{"role": "user", "content": "x"}]}
     )

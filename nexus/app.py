@@ -104,7 +104,12 @@ def upstream_session(settings: Settings) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         limit=settings.server.max_concurrent_requests, ttl_dns_cache=60, keepalive_timeout=4
     )
-    return aiohttp.ClientSession(connector=connector)
+    # No cookies between backends and clients, and no compression to undo: bodies pass as sent.
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("Accept-Encoding",),
+    )
 
 
 def timeouts_of(settings: Settings) -> Timeouts:

@@ -14,6 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from ..errors import (
     JSONDict,
@@ -90,6 +91,17 @@ class HTTPAdapter:
             total=None, sock_connect=timeouts.connect, sock_read=timeouts.stream_idle
         )
         self._probe_timeout = aiohttp.ClientTimeout(total=timeouts.probe)
+        self._urls: dict[tuple[str, str], URL] = {}
+
+    def url(self, backend: Backend, path: str) -> URL:
+        """The parsed URL of ``path`` on ``backend``, parsed once (yarl parsing costs per call)."""
+        key = (backend.url, path)
+        url = self._urls.get(key)
+        if url is None:
+            if len(self._urls) > 4096:  # backends come and go; never grow without bound
+                self._urls.clear()
+            url = self._urls[key] = URL(backend.url + path)
+        return url
 
     async def post_json(
         self, backend: Backend, path: str, payload: bytes, headers: Mapping[str, str]
@@ -98,7 +110,7 @@ class HTTPAdapter:
         async with (
             upstream_errors(backend, self.timeouts.request),
             self.session.post(
-                backend.url + path,
+                self.url(backend, path),
                 data=payload,
                 headers=headers,
                 timeout=self._request_timeout,
@@ -116,7 +128,7 @@ class HTTPAdapter:
         async with upstream_errors(backend, self.timeouts.request):
             resp = await asyncio.wait_for(
                 self.session.post(
-                    backend.url + path, data=payload, headers=headers, timeout=self._stream_timeout
+                    self.url(backend, path), data=payload, headers=headers, timeout=self._stream_timeout
                 ),
                 self.timeouts.request,
             )
@@ -132,7 +144,7 @@ class HTTPAdapter:
         async with (
             upstream_errors(backend, self.timeouts.probe),
             self.session.get(
-                backend.url + path, headers=headers, timeout=self._probe_timeout
+                self.url(backend, path), headers=headers, timeout=self._probe_timeout
             ) as resp,
         ):
             body = await resp.read()
@@ -146,7 +158,7 @@ class HTTPAdapter:
         async with (
             upstream_errors(backend, self.timeouts.probe),
             self.session.post(
-                backend.url + path,
+                self.url(backend, path),
                 data=orjson.dumps(payload),
                 headers={**headers, "Content-Type": "application/json"},
                 timeout=self._probe_timeout,

@@ -34,7 +34,7 @@ def serve(settings: Settings) -> None:
         access_log=False,
         log_config=None,
         server_header=False,
-        proxy_headers=False,  # Nexus answers clients directly; forwarded-for headers are not trusted
+        proxy_headers=False,  # clients talk to Nexus directly: X-Forwarded-For is not trusted
         timeout_graceful_shutdown=int(server.shutdown_timeout_seconds) or None,
     )
     # Everything built so far lives as long as the process: keep it out of the collector's

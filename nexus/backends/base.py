@@ -128,7 +128,10 @@ class HTTPAdapter:
         async with upstream_errors(backend, self.timeouts.request):
             resp = await asyncio.wait_for(
                 self.session.post(
-                    self.url(backend, path), data=payload, headers=headers, timeout=self._stream_timeout
+                    self.url(backend, path),
+                    data=payload,
+                    headers=headers,
+                    timeout=self._stream_timeout,
                 ),
                 self.timeouts.request,
             )

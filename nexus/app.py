@@ -7,7 +7,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 
-import aiohttp
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
@@ -17,7 +16,7 @@ from .api.admin import Health, Live, Ready
 from .api.errors import HANDLERS
 from .api.middleware import GatewayMiddleware
 from .api.openai import ChatCompletions, Embeddings, Models
-from .backends import SUPPORTED_TYPES, Adapters, Timeouts
+from .backends import SUPPORTED_TYPES, Adapters, HTTP1Client, Timeouts
 from .config import BackendSettings, Settings
 from .discovery import Discovery
 from .dispatch import Dispatcher
@@ -37,8 +36,13 @@ def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            session = await stack.enter_async_context(upstream_session(settings))
-            adapters = Adapters(session, timeouts_of(settings))
+            # Idle upstream connections are dropped after 4 s, before servers built on uvicorn
+            # (vLLM among them: 5 s) would close them under a request.
+            client = HTTP1Client(
+                keepalive_seconds=4, connect_timeout=settings.server.connect_timeout_seconds
+            )
+            stack.push_async_callback(client.aclose)
+            adapters = Adapters(client, timeouts_of(settings))
             health = HealthChecker(registry, adapters, settings.health_check)
             dispatcher = Dispatcher(registry, adapters, health, settings.routing)
             app.state.gateway = Gateway(settings, registry, health, dispatcher)
@@ -51,7 +55,7 @@ def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) 
                 ManagedServer(
                     registry.get(spec.name) or _missing(spec.name),
                     spec.managed,
-                    session,
+                    client,
                     on_down=mark_unhealthy,
                     on_ready=health.revive,
                 )
@@ -61,7 +65,7 @@ def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) 
             app.state.gateway.managed = managed
             stack.push_async_callback(_stop_all, managed)
             await asyncio.gather(*(start_managed(server) for server in managed))
-            discovery = Discovery(registry, health, settings.discovery, settings.server, session)
+            discovery = Discovery(registry, health, settings.discovery, settings.server, client)
             if settings.discovery.enabled:
                 await discovery.probe_local_ports()
             await health.start()
@@ -95,20 +99,6 @@ def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) 
         middleware=[Middleware(GatewayMiddleware, hot_routes=hot_routes)],
         exception_handlers=HANDLERS,
         lifespan=lifespan,
-    )
-
-
-def upstream_session(settings: Settings) -> aiohttp.ClientSession:
-    # Idle upstream connections are dropped after 4 s, before servers built on uvicorn (vLLM
-    # among them; 5 s) close theirs: a POST on a connection the server already closed would fail.
-    connector = aiohttp.TCPConnector(
-        limit=settings.server.max_concurrent_requests, ttl_dns_cache=60, keepalive_timeout=4
-    )
-    # No cookies between backends and clients, and no compression to undo: bodies pass as sent.
-    return aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("Accept-Encoding",),
     )
 
 

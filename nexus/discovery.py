@@ -18,11 +18,11 @@ import logging
 import socket
 from collections.abc import Awaitable, Coroutine, Mapping
 
-import aiohttp
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from . import __version__
+from .backends.http1 import HTTP1Client, ProtocolError
 from .config import DiscoverySettings, ServerSettings, normalise_url
 from .health import HealthChecker
 from .registry import Backend, Registry, Status
@@ -50,13 +50,13 @@ class Discovery:
         health: HealthChecker,
         settings: DiscoverySettings,
         server: ServerSettings,
-        session: aiohttp.ClientSession,
+        client: HTTP1Client,
     ) -> None:
         self.registry = registry
         self.health = health
         self.settings = settings
         self.server = server
-        self.session = session
+        self.client = client
         self.zeroconf: AsyncZeroconf | None = None
         self.browser: AsyncServiceBrowser | None = None
         self.announced: AsyncServiceInfo | None = None
@@ -232,16 +232,14 @@ class Discovery:
         url = f"http://127.0.0.1:{port}"
         if any(normalise_url(b.url) == url for b in self.registry):
             return None
-        timeout = aiohttp.ClientTimeout(total=1)
         for path, kind in (
             ("/api/tags", "ollama"),
             ("/v1/models", _PORT_TYPES.get(port, "generic")),
         ):
             try:
-                async with self.session.get(url + path, timeout=timeout) as resp:
-                    if resp.status == 200:
-                        return discovered(f"{kind}-{port}", url, kind, source="probe")
-            except (aiohttp.ClientError, TimeoutError, OSError):
+                if await self.client.status_of(url + path, limit=1) == 200:
+                    return discovered(f"{kind}-{port}", url, kind, source="probe")
+            except (OSError, TimeoutError, ProtocolError):
                 return None  # nothing listens there (or it is not HTTP)
         return None
 

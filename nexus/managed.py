@@ -20,8 +20,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
-
+from .backends.http1 import HTTP1Client, ProtocolError
 from .config import BackendSettings, ManagedSettings, cache_dir
 from .registry import Backend
 
@@ -92,14 +91,14 @@ class ManagedServer:
         self,
         backend: Backend,
         settings: ManagedSettings,
-        session: aiohttp.ClientSession,
+        client: HTTP1Client,
         *,
         on_down: Callable[[Backend, str], None],
         on_ready: Callable[[Backend], object],
     ) -> None:
         self.backend = backend
         self.settings = settings
-        self.session = session
+        self.client = client
         self.on_down = on_down
         self.on_ready = on_ready
         self.process: asyncio.subprocess.Process | None = None
@@ -153,11 +152,10 @@ class ManagedServer:
                     f"llama-server exited with status {self.process.returncode} while starting; "
                     f"see {self._log_file}"
                 )
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                    if resp.status == 200:
-                        self.ready.set()
-                        return
+            with contextlib.suppress(OSError, TimeoutError, ProtocolError):
+                if await self.client.status_of(url, limit=2) == 200:
+                    self.ready.set()
+                    return
             await asyncio.sleep(0.1)  # the server is loading its model; ask again shortly
         raise ManagedError(
             f"llama-server was not ready within {self.settings.startup_timeout_seconds:g}s; "

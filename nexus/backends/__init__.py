@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import aiohttp
-
 from .base import Adapter, Call, Completion, EventStream, Timeouts
+from .http1 import HTTP1Client
 from .ollama import OllamaAdapter
 from .openai import PROFILES, OpenAIAdapter
 
@@ -14,6 +13,7 @@ __all__ = [
     "Call",
     "Completion",
     "EventStream",
+    "HTTP1Client",
     "Timeouts",
     "SUPPORTED_TYPES",
 ]
@@ -22,11 +22,11 @@ SUPPORTED_TYPES = frozenset({"ollama", *PROFILES})
 
 
 class Adapters:
-    """One adapter instance per dialect, sharing the pooled upstream session."""
+    """One adapter instance per dialect, sharing the pooled upstream client."""
 
-    def __init__(self, session: aiohttp.ClientSession, timeouts: Timeouts) -> None:
-        self._openai = OpenAIAdapter(session, timeouts)
-        self._ollama = OllamaAdapter(session, timeouts)
+    def __init__(self, client: HTTP1Client, timeouts: Timeouts) -> None:
+        self._openai = OpenAIAdapter(client, timeouts)
+        self._ollama = OllamaAdapter(client, timeouts)
 
     def for_type(self, backend_type: str) -> Adapter | None:
         if backend_type == "ollama":

@@ -12,9 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-import aiohttp
 import orjson
-from yarl import URL
 
 from ..errors import (
     JSONDict,
@@ -26,6 +24,7 @@ from ..errors import (
     UpstreamUnavailable,
 )
 from ..registry import Backend, Model
+from .http1 import ConnectFailed, HTTP1Client, ProtocolError, Response
 
 T = TypeVar("T")
 
@@ -79,125 +78,81 @@ class Adapter(Protocol):
 
 
 class HTTPAdapter:
-    """Shared plumbing: the pooled session, timeouts and the mapping of transport errors."""
+    """Shared plumbing: the pooled upstream client, timeouts and the mapping of failures."""
 
-    def __init__(self, session: aiohttp.ClientSession, timeouts: Timeouts) -> None:
-        self.session = session
+    def __init__(self, client: HTTP1Client, timeouts: Timeouts) -> None:
+        self.client = client
         self.timeouts = timeouts
-        self._request_timeout = aiohttp.ClientTimeout(
-            total=timeouts.request, sock_connect=timeouts.connect
-        )
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=timeouts.connect, sock_read=timeouts.stream_idle
-        )
-        self._probe_timeout = aiohttp.ClientTimeout(total=timeouts.probe)
-        self._urls: dict[tuple[str, str], URL] = {}
-
-    def url(self, backend: Backend, path: str) -> URL:
-        """The parsed URL of ``path`` on ``backend``, parsed once (yarl parsing costs per call)."""
-        key = (backend.url, path)
-        url = self._urls.get(key)
-        if url is None:
-            if len(self._urls) > 4096:  # backends come and go; never grow without bound
-                self._urls.clear()
-            url = self._urls[key] = URL(backend.url + path)
-        return url
 
     async def post_json(
         self, backend: Backend, path: str, payload: bytes, headers: Mapping[str, str]
     ) -> bytes:
         """POST and return the body of a 2xx answer; anything else raises an UpstreamError."""
-        async with (
-            upstream_errors(backend, self.timeouts.request),
-            self.session.post(
-                self.url(backend, path),
-                data=payload,
-                headers=headers,
-                timeout=self._request_timeout,
-            ) as resp,
-        ):
-            body = await resp.read()
-            if resp.status >= 400:
-                raise status_error(backend, resp, body)
-            return body
+        return await self._call(backend, "POST", path, payload, headers, self.timeouts.request)
 
     async def open_post(
         self, backend: Backend, path: str, payload: bytes, headers: Mapping[str, str]
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         """POST and return the open response once its headers arrived with a 2xx status."""
-        async with upstream_errors(backend, self.timeouts.request):
-            resp = await asyncio.wait_for(
-                self.session.post(
-                    self.url(backend, path),
-                    data=payload,
-                    headers=headers,
-                    timeout=self._stream_timeout,
-                ),
-                self.timeouts.request,
-            )
+        limit = self.timeouts.request
+        async with upstream_errors(backend, limit), asyncio.timeout(limit):
+            resp = await self.client.request("POST", backend.url + path, headers, payload)
             if resp.status >= 400:
-                try:
-                    body = await resp.read()
-                finally:
-                    resp.release()
-                raise status_error(backend, resp, body)
+                raise status_error(backend, resp, await resp.read())
             return resp
 
     async def get_json(self, backend: Backend, path: str, headers: Mapping[str, str]) -> Any:
-        async with (
-            upstream_errors(backend, self.timeouts.probe),
-            self.session.get(
-                self.url(backend, path), headers=headers, timeout=self._probe_timeout
-            ) as resp,
-        ):
-            body = await resp.read()
-            if resp.status >= 400:
-                raise status_error(backend, resp, body)
+        body = await self._call(backend, "GET", path, b"", headers, self.timeouts.probe)
         return parse_json(backend, body)
 
     async def post_probe(
         self, backend: Backend, path: str, payload: JSONDict, headers: Mapping[str, str]
     ) -> Any:
-        async with (
-            upstream_errors(backend, self.timeouts.probe),
-            self.session.post(
-                self.url(backend, path),
-                data=orjson.dumps(payload),
-                headers={**headers, "Content-Type": "application/json"},
-                timeout=self._probe_timeout,
-            ) as resp,
-        ):
-            body = await resp.read()
-            if resp.status >= 400:
-                raise status_error(backend, resp, body)
+        headers = {**headers, "Content-Type": "application/json"}
+        body = await self._call(
+            backend, "POST", path, orjson.dumps(payload), headers, self.timeouts.probe
+        )
         return parse_json(backend, body)
+
+    async def _call(
+        self,
+        backend: Backend,
+        method: str,
+        path: str,
+        payload: bytes,
+        headers: Mapping[str, str],
+        limit: float,
+    ) -> bytes:
+        async with upstream_errors(backend, limit), asyncio.timeout(limit):
+            resp = await self.client.request(method, backend.url + path, headers, payload)
+            body = await resp.read()
+        if resp.status >= 400:
+            raise status_error(backend, resp, body)
+        return body
 
 
 @asynccontextmanager
 async def upstream_errors(backend: Backend, limit: float) -> AsyncIterator[None]:
     """The one place transport failures become Nexus errors."""
+    name = backend.name
     try:
         yield
     except UpstreamError:
         raise
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise UpstreamTimeout(
-            backend.name, f"Backend '{backend.name}' did not answer within {limit:g}s"
-        ) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise UpstreamConnectError(
-            backend.name, f"Backend '{backend.name}' is unreachable: {exc.strerror or exc}"
-        ) from exc
-    except (aiohttp.ClientError, OSError) as exc:
+    except TimeoutError as exc:
+        raise UpstreamTimeout(name, f"Backend '{name}' did not answer within {limit:g}s") from exc
+    except ConnectFailed as exc:
+        raise UpstreamConnectError(name, f"Backend '{name}' is unreachable: {exc}") from exc
+    except ProtocolError as exc:
+        raise UpstreamProtocolError(name, f"Backend '{name}' answered badly: {exc}") from exc
+    except OSError as exc:
         raise UpstreamUnavailable(
-            backend.name, f"Backend '{backend.name}' failed: {type(exc).__name__}: {exc}"
+            name, f"Backend '{name}' failed: {type(exc).__name__}: {exc}"
         ) from exc
 
 
-def status_error(
-    backend: Backend, resp: aiohttp.ClientResponse, body: bytes
-) -> UpstreamStatusError:
-    return UpstreamStatusError(backend.name, resp.status, body, resp.headers.get("Retry-After"))
+def status_error(backend: Backend, resp: Response, body: bytes) -> UpstreamStatusError:
+    return UpstreamStatusError(backend.name, resp.status, body, resp.headers.get("retry-after"))
 
 
 def parse_json(backend: Backend, body: bytes) -> Any:

@@ -15,13 +15,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
 
 from ..errors import InvalidRequest, JSONDict, UpstreamProtocolError
 from ..registry import Backend, Model
 from .base import Call, Completion, HTTPAdapter, gather_limited, parse_json
 from .capabilities import guess_model
+from .http1 import Response
 from .sse import DONE, SSEStream
 
 _FINISH = {"stop": "stop", "length": "length", "load": "stop", "unload": "stop"}
@@ -310,7 +310,7 @@ class OllamaStream(SSEStream):
     def __init__(
         self,
         backend: Backend,
-        resp: aiohttp.ClientResponse,
+        resp: Response,
         idle_timeout: float,
         model: str,
         include_usage: bool,

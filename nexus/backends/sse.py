@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-
-import aiohttp
 
 from ..errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from ..registry import Backend
+from .http1 import ProtocolError, Response
 
 DONE = b"data: [DONE]\n\n"
 
@@ -24,7 +24,7 @@ class SSEStream:
     Reading stops after ``[DONE]``. The response is released on exhaustion and on ``aclose``.
     """
 
-    def __init__(self, backend: Backend, resp: aiohttp.ClientResponse, idle_timeout: float) -> None:
+    def __init__(self, backend: Backend, resp: Response, idle_timeout: float) -> None:
         self._backend = backend
         self._resp = resp
         self._idle = idle_timeout
@@ -52,40 +52,30 @@ class SSEStream:
             await self.aclose()
 
     async def _chunks(self) -> AsyncIterator[bytes]:
+        """Body pieces as they arrive; what came before a failure is still handed over."""
         name = self._backend.name
-        try:
-            async for chunk in self._resp.content.iter_any():
-                yield chunk
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout(
-                name, f"Backend '{name}' sent nothing for {self._idle:g}s during the stream"
-            ) from exc
-        except aiohttp.ClientPayloadError as exc:
-            if rest := self._unread():
-                yield rest
-            raise UpstreamProtocolError(
-                name, f"Backend '{name}' broke off the stream: {exc}"
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            if rest := self._unread():
-                yield rest
-            raise UpstreamUnavailable(name, f"Backend '{name}' stream failed: {exc}") from exc
-
-    def _unread(self) -> bytes:
-        """Bytes that arrived just before the connection broke. aiohttp raises the error before
-        handing them over, but they may hold whole events the client should still get."""
-        try:
-            rest: bytes = self._resp.content._read_nowait(-1)
-        except Exception:  # a private API: if it changes, the tail is lost, nothing worse
-            return b""
-        return rest
+        chunks = self._resp.iter_chunks()
+        while True:
+            try:
+                async with asyncio.timeout(self._idle):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError as exc:
+                raise UpstreamTimeout(
+                    name, f"Backend '{name}' sent nothing for {self._idle:g}s during the stream"
+                ) from exc
+            except ProtocolError as exc:
+                raise UpstreamProtocolError(
+                    name, f"Backend '{name}' broke the stream: {exc}"
+                ) from exc
+            except OSError as exc:
+                raise UpstreamUnavailable(
+                    name, f"Backend '{name}' broke off the stream: {exc}"
+                ) from exc
+            yield chunk
 
     async def aclose(self) -> None:
-        # close(), not release(): an unfinished body must not go back to the pool, and closing
-        # the connection is what tells the backend to stop generating.
-        if self._resp.closed:
-            return
-        if self._resp.content.at_eof():
-            self._resp.release()
-        else:
-            self._resp.close()
+        # An unfinished answer is abandoned by closing its connection: that is what tells the
+        # backend to stop generating. A finished one gives its connection back to the pool.
+        self._resp.close()

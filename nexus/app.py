@@ -24,7 +24,9 @@ from .errors import NO_BACKENDS_HINT
 from .gateway import Gateway
 from .health import HealthChecker
 from .managed import ManagedError, ManagedServer, embedded_default
+from .queueing import RequestQueue
 from .registry import Backend, Registry, Status
+from .routing.planner import Router
 
 log = logging.getLogger("nexus.app")
 
@@ -44,7 +46,16 @@ def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) 
             stack.push_async_callback(client.aclose)
             adapters = Adapters(client, timeouts_of(settings))
             health = HealthChecker(registry, adapters, settings.health_check)
-            dispatcher = Dispatcher(registry, adapters, health, settings.routing)
+            queue = settings.queue
+            dispatcher = Dispatcher(
+                registry,
+                adapters,
+                health,
+                Router(registry, settings.routing, settings.quality),
+                queue=RequestQueue(queue.max_size) if queue.enabled and queue.max_size else None,
+                max_wait_seconds=queue.max_wait_seconds,
+                max_retries=settings.routing.max_retries,
+            )
             app.state.gateway = Gateway(settings, registry, health, dispatcher)
             for backend in registry:
                 if backend.unavailable:

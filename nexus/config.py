@@ -77,7 +77,7 @@ class RoutingWeights(_Section):
 
 
 class TrafficPolicy(_Section):
-    model_pattern: str
+    model_pattern: Annotated[str, Field(min_length=1)]  # a glob: "gpt-4*", "claude-*", "*"
     privacy: Literal["unrestricted", "restricted"] = "unrestricted"
     min_tier: Annotated[int, Field(ge=1, le=5)] | None = None
     max_cost_per_request: float | None = None
@@ -104,6 +104,12 @@ class RoutingSettings(_Section):
     fallbacks: dict[str, list[str]] = Field(default_factory=dict)
     policies: list[TrafficPolicy] = Field(default_factory=list)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
+    # Send a conversation (or a long shared system prompt) back to the backend that served it
+    # recently, so that its prompt cache is reused (ours).
+    affinity: bool = True
+    affinity_ttl_seconds: Annotated[float, Field(gt=0)] = 600
+    # Requests a backend takes at once when neither it (llama.cpp slots) nor its entry says (ours).
+    default_max_concurrent: Annotated[int, Field(ge=1)] = 8
 
     @model_validator(mode="after")
     def _check_aliases(self) -> RoutingSettings:
@@ -127,6 +133,11 @@ class QualitySettings(_Section):
     error_rate_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
     ttft_penalty_threshold_ms: Annotated[int, Field(ge=0)] = 3000
     metrics_interval_seconds: Annotated[int, Field(ge=1)] = 30
+    # Ours: the rolling window, how many outcomes it needs before judging, and how often an
+    # excluded backend gets one trial request (half-open) so that it can come back.
+    window_seconds: Annotated[float, Field(gt=0)] = 300
+    min_requests: Annotated[int, Field(ge=1)] = 5
+    trial_interval_seconds: Annotated[float, Field(gt=0)] = 30
 
 
 class QueueSettings(_Section):
@@ -164,6 +175,7 @@ class BackendSettings(_Section):
     api_key_env: str | None = None
     zone: Literal["restricted", "open"] | None = None
     tier: Annotated[int, Field(ge=1, le=5)] = 1
+    max_concurrent: Annotated[int, Field(ge=1)] | None = None  # default: reported slots, else 8
 
     @field_validator("type", "zone", mode="before")
     @classmethod

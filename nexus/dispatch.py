@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -18,18 +19,21 @@ import orjson
 
 from .backends import Adapter, Adapters, Call, Completion, EventStream
 from .backends.sse import DONE, is_done
-from .config import RoutingSettings
 from .errors import (
     JSONDict,
     NexusError,
+    Saturated,
     ServiceUnavailable,
     UpstreamConnectError,
     UpstreamError,
     UpstreamTimeout,
 )
 from .health import HealthChecker
-from .registry import Registry
-from .routing.planner import Plan, Step, plan_request
+from .queueing import QueueFull, RequestQueue
+from .registry import Backend, Registry
+from .routing.affinity import affinity_keys
+from .routing.planner import Plan, Router, RouteRequest, Step
+from .routing.requirements import chat_requirements, embedding_requirements
 
 log = logging.getLogger("nexus.dispatch")
 
@@ -70,49 +74,106 @@ class Dispatcher:
         registry: Registry,
         adapters: Adapters,
         health: HealthChecker,
-        routing: RoutingSettings,
+        router: Router,
+        *,
+        queue: RequestQueue | None = None,
+        max_wait_seconds: float = 30.0,
+        max_retries: int = 2,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
         self.adapters = adapters
         self.health = health
-        self.routing = routing
+        self.router = router
+        self.queue = queue
+        self.max_wait = max_wait_seconds
+        self.max_retries = max_retries
+        self.clock = clock
 
-    def plan(self, model: str) -> Plan:
-        return plan_request(self.registry, self.routing, model)
+    def route_request(self, kind: Kind, body: JSONDict, client: Mapping[str, str]) -> RouteRequest:
+        """What the router needs to know of a request: its model, needs and headers."""
+        model = body["model"]
+        flexible = (
+            "x-nexus-strict" not in client
+            and client.get("x-nexus-flexible", "").strip().lower() == "true"
+        )
+        if kind == "embeddings":
+            return RouteRequest(model, embedding_requirements(body), flexible)
+        keys: tuple[int, ...] = ()
+        if self.router.routing.affinity:
+            keys = tuple(affinity_keys(model, body["messages"]))
+        return RouteRequest(model, chat_requirements(body, client), flexible, keys)
 
     async def complete(
         self, kind: Kind, body: JSONDict, raw: bytes, client: Mapping[str, str], request_id: str
     ) -> tuple[Completion, Served]:
         """A whole (non-streaming) answer from the first step of the plan that gives one."""
+        request = self.route_request(kind, body, client)
 
         async def attempt(adapter: Adapter, step: Step, call: Call) -> Completion:
+            started = self.clock()
             try:
                 if kind == "chat":
-                    return await adapter.chat(step.backend, call)
-                return await adapter.embeddings(step.backend, call)
+                    result = await adapter.chat(step.backend, call)
+                else:
+                    result = await adapter.embeddings(step.backend, call)
             finally:
-                step.backend.in_flight -= 1
+                self._release(step.backend)
+            self._succeeded(step, request, (self.clock() - started) * 1000, None)
+            return result
 
-        return await self._walk(body, raw, client, request_id, attempt)
+        return await self._walk(request, body, raw, client, request_id, attempt)
 
     async def stream(
         self, body: JSONDict, raw: bytes, client: Mapping[str, str], request_id: str
     ) -> StreamResult:
         """Open a stream on the first step that answers; failover ends at the first event.
         The backend's in-flight slot is held until the relay ends."""
+        request = self.route_request("chat", body, client)
 
         async def attempt(adapter: Adapter, step: Step, call: Call) -> EventStream:
             try:
                 return await adapter.open_stream(step.backend, call)
             except BaseException:
-                step.backend.in_flight -= 1
+                self._release(step.backend)
                 raise
 
-        upstream, served = await self._walk(body, raw, client, request_id, attempt)
-        return StreamResult(served, self._relay(upstream, served.step, request_id))
+        started = self.clock()
+        upstream, served = await self._walk(request, body, raw, client, request_id, attempt)
+        events = self._relay(upstream, served.step, request, request_id, started)
+        return StreamResult(served, events)
+
+    async def _plan(self, request: RouteRequest) -> tuple[Plan, bool]:
+        """The plan; while every capable backend is busy, wait in the queue and plan again."""
+        plan = self.router.plan(request)
+        if plan.steps or not plan.saturated:
+            return plan, False
+        queue = self.queue
+        context = plan.context(self.registry, [])
+        retry_after = max(1, int(self.max_wait))
+        if queue is None:
+            raise Saturated(request.model, context, BUSY, retry_after)
+        deadline = self.clock() + self.max_wait
+        again = False
+        while not plan.steps:
+            remaining = deadline - self.clock()
+            try:
+                woken = remaining > 0 and await queue.wait(
+                    high=request.requirements.high_priority, limit=remaining, again=again
+                )
+            except QueueFull:
+                raise Saturated(
+                    request.model, context, BUSY + " and the queue is full", 1
+                ) from None
+            if not woken:
+                raise Saturated(request.model, context, BUSY + QUEUE_TIMEOUT, retry_after)
+            again = True
+            plan = self.router.plan(request)
+        return plan, True
 
     async def _walk(
         self,
+        request: RouteRequest,
         body: JSONDict,
         raw: bytes,
         client: Mapping[str, str],
@@ -121,9 +182,9 @@ class Dispatcher:
     ) -> tuple[T, Served]:
         """Try the plan's steps in order until one answers; ``attempt`` owns the in-flight slot
         taken here (it releases it when the answer is complete, or at once when it fails)."""
-        plan = self.plan(body["model"])
+        plan, queued = await self._plan(request)
         last: UpstreamError | None = None
-        for index, step in enumerate(plan.steps[: self.routing.max_retries + 1]):
+        for index, step in enumerate(plan.steps[: self.max_retries + 1]):
             adapter = self.adapters.for_type(step.backend.type)
             if adapter is None:
                 continue
@@ -138,28 +199,51 @@ class Dispatcher:
                     raise
                 last = exc
                 continue
-            return result, Served(step, plan.route_reason(index), index + 1)
+            reason = "queued" if queued and index == 0 and step.fallback is None else None
+            return result, Served(step, reason or plan.route_reason(index), index + 1)
         raise last or ServiceUnavailable(f"No backend could serve model '{plan.requested}'")
 
     async def _relay(
-        self, upstream: EventStream, step: Step, request_id: str
+        self,
+        upstream: EventStream,
+        step: Step,
+        request: RouteRequest,
+        request_id: str,
+        started: float,
     ) -> AsyncGenerator[bytes, None]:
         """Upstream events one for one; always ends with ``[DONE]``; releases the slot on exit."""
         done = False
+        ttft_ms: float | None = None
         try:
             async for event in upstream:
+                if ttft_ms is None:
+                    ttft_ms = (self.clock() - started) * 1000
                 yield event
                 if is_done(event):
                     done = True
                     break
+            self._succeeded(step, request, (self.clock() - started) * 1000, ttft_ms)
         except UpstreamError as exc:
             self._failed(step, exc, request_id, started=True)
             yield error_event(exc)
         finally:
-            step.backend.in_flight -= 1
+            self._release(step.backend)
             await upstream.aclose()
         if not done:
             yield DONE
+
+    def _release(self, backend: Backend) -> None:
+        backend.in_flight -= 1
+        if self.queue is not None:
+            self.queue.notify()
+
+    def _succeeded(
+        self, step: Step, request: RouteRequest, latency_ms: float, ttft_ms: float | None
+    ) -> None:
+        backend = step.backend
+        backend.observe(latency_ms, ttft_ms)
+        self.router.quality.record(backend.name, step.model, True, ttft_ms, self.clock())
+        self.router.remember(request, backend.name)
 
     def _failed(
         self, step: Step, exc: UpstreamError, request_id: str, *, started: bool = False
@@ -172,8 +256,13 @@ class Dispatcher:
         if not exc.retryable and not started:  # the client's own mistake, reported by the backend
             log.info("request %s: backend %s refused it: %s", request_id, backend.name, exc)
             return
+        self.router.quality.record(backend.name, step.model, False, None, self.clock())
         when = "mid-stream" if started else "trying the next backend"
         log.warning("request %s: backend %s failed (%s): %s", request_id, backend.name, when, exc)
+
+
+BUSY = "Every backend that can serve this model is at capacity"
+QUEUE_TIMEOUT = ", and none came free while the request waited in the queue"
 
 
 def upstream_headers(step: Step, client: Mapping[str, str], request_id: str) -> dict[str, str]:

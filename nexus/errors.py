@@ -9,6 +9,7 @@
       PayloadTooLarge                  413     invalid_request_error   payload_too_large
       ServiceUnavailable               503     service_unavailable     service_unavailable
         NoHealthyBackend               503     service_unavailable     service_unavailable +context
+          Saturated                    503     service_unavailable     service_unavailable +retry
       UpstreamError                    (the backend's failure, mapped once in backends/base.py)
         UpstreamUnavailable            502     server_error            bad_gateway
           UpstreamConnectError         502     server_error            bad_gateway  (cannot connect)
@@ -22,6 +23,8 @@ A client's mistake is never a 500 and every body is JSON.
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any, ClassVar
 
 import orjson
@@ -124,16 +127,56 @@ class ServiceUnavailable(NexusError):
 
 
 class NoHealthyBackend(ServiceUnavailable):
-    """Nothing can serve the model; ``context`` names the backends and why each was excluded."""
+    """Nothing can serve the model; ``context`` names the backends and why each was excluded,
+    and the ``X-Nexus-Rejection-*`` headers say the same for clients that read headers only."""
 
-    def __init__(self, model: str, context: JSONDict) -> None:
-        super().__init__(f"No healthy backend available for model '{model}'", param="model")
+    def __init__(self, model: str, context: JSONDict, message: str | None = None) -> None:
+        super().__init__(
+            message or f"No healthy backend available for model '{model}'", param="model"
+        )
         self.context = context
 
     def envelope(self) -> JSONDict:
         body = super().envelope()
         body["context"] = self.context
         return body
+
+    def headers(self) -> dict[str, str]:
+        excluded = self.context.get("excluded") or []
+        stages: dict[str, int] = {}
+        for item in excluded:
+            stages[item["stage"]] = stages.get(item["stage"], 0) + 1
+        counts = ", ".join(f"{stage} ({n})" for stage, n in stages.items())
+        headers = {
+            "X-Nexus-Rejection-Reasons": f"{len(excluded)} backend(s) excluded: {counts}"
+            if excluded
+            else "no backend serves this model",
+            "X-Nexus-Rejection-Details": _header_json(excluded),
+        }
+        eta = self.context.get("eta_seconds")
+        if eta is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(eta)))
+        return headers
+
+
+class Saturated(NoHealthyBackend):
+    """Capable backends exist but are all busy, and the queue is full, off or waited out."""
+
+    def __init__(self, model: str, context: JSONDict, message: str, retry_after: int) -> None:
+        super().__init__(model, context, message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "Retry-After": str(self.retry_after)}
+
+
+def _header_json(items: list[Any], limit: int = 4000) -> str:
+    """ASCII JSON for a header value, trimmed to whole items under ``limit`` characters."""
+    text = json.dumps(items, ensure_ascii=True, separators=(",", ":"))
+    while len(text) > limit and items:
+        items = items[:-1]
+        text = json.dumps(items, ensure_ascii=True, separators=(",", ":"))
+    return text
 
 
 class UpstreamError(NexusError):

@@ -23,6 +23,9 @@ class Model:
     tools: bool = False
     json_mode: bool = False
     embeddings: bool = False
+    # True when the server itself reported the capabilities (Ollama's /api/show); False when
+    # they were guessed from the model's name, and a "no" may be wrong.
+    reported: bool = False
 
     def capabilities(self) -> dict[str, bool]:
         return {
@@ -57,7 +60,11 @@ class Backend:
     consecutive_failures: int = 0
     last_error: str | None = None
     last_check: float | None = None
-    latency_ms: float | None = None
+    latency_ms: float | None = None  # of the last health probe
+    max_concurrent: int | None = None  # configured capacity
+    slots: int | None = None  # capacity the server reports (llama.cpp's slots)
+    ewma_latency_ms: float | None = None  # of real requests, whole answer
+    ewma_ttft_ms: float | None = None  # of real requests, time to the first byte or event
 
     @property
     def location(self) -> str:
@@ -67,6 +74,16 @@ class Backend:
     def healthy(self) -> bool:
         return self.status is Status.HEALTHY
 
+    def capacity(self, default: int) -> int:
+        """Requests it takes at once: what the server reports, else its entry, else ``default``."""
+        return self.slots or self.max_concurrent or default
+
+    def observe(self, latency_ms: float, ttft_ms: float | None) -> None:
+        """Fold one real request's timings into the moving averages (weight 0.2)."""
+        self.ewma_latency_ms = _ewma(self.ewma_latency_ms, latency_ms)
+        if ttft_ms is not None:
+            self.ewma_ttft_ms = _ewma(self.ewma_ttft_ms, ttft_ms)
+
     def find_model(self, model: str) -> str | None:
         """The backend's own name for ``model``: exact, else Ollama's implicit ``:latest`` tag."""
         if model in self.models:
@@ -74,6 +91,10 @@ class Backend:
         if ":" not in model and f"{model}:latest" in self.models:
             return f"{model}:latest"
         return None
+
+
+def _ewma(current: float | None, sample: float, alpha: float = 0.2) -> float:
+    return sample if current is None else current + alpha * (sample - current)
 
 
 class Registry:

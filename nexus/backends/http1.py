@@ -83,6 +83,7 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.status = 0
+        self.interim = False
         self.headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = False
         self.received_any = False
@@ -129,7 +130,11 @@ class _Connection(asyncio.Protocol):
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self.interim = True  # 100 Continue, 103 Early Hints: the real answer follows
+            return
+        self.status = status
         self.keep_alive = self.parser.should_keep_alive()
         if not self.headers_done.done():
             self.headers_done.set_result(None)
@@ -143,6 +148,10 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            self.headers = []
+            return
         self.complete = True
         self._wake()
 

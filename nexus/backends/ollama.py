@@ -138,6 +138,7 @@ def model_from_show(name: str, show: JSONDict) -> Model:
         tools="tools" in caps,
         json_mode="completion" in caps,
         embeddings="embedding" in caps,
+        reported=True,
     )
 
 

@@ -1,20 +1,34 @@
 """Request -> ordered plan of (backend, model) steps, and why each other backend was left out.
 
-Pure: reads the registry's records, does no I/O. The plan lists the requested model's healthy
-backends first, then those of each fallback model in order. Until scoring arrives, backends are
-ordered by ``priority`` (lower first), then by fewest requests in flight, then by name.
+Pure: reads the registry's records, does no I/O; the clock and the random source are injected.
+For the requested model (after aliases), then for each fallback model, the backends that list it
+pass through the stages below; each stage may only exclude, and says why and what to do:
+
+    health -> capabilities -> privacy -> tier -> quality -> capacity
+
+The survivors are ordered by the strategy (a recent backend for the same conversation first, when
+affinity is on). When nothing survives only because every capable backend is busy, the plan is
+``saturated``: the request may wait in the queue instead of failing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import RoutingSettings
+from ..config import QualitySettings, RoutingSettings
 from ..errors import NO_BACKENDS_HINT, ModelNotFound, NoHealthyBackend, ServiceUnavailable
 from ..registry import Backend, Registry
+from .affinity import AffinityTable
 from .aliases import resolve
+from .policy import Policies, Rule
+from .quality import QualityTracker
+from .requirements import Requirements
+from .strategies import REASONS, Candidate, Strategies
+
+STAGES = ("health", "capabilities", "privacy", "tier", "quality", "capacity")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +36,7 @@ class Step:
     backend: Backend
     model: str  # the backend's own name for the model
     fallback: str | None = None  # the fallback model this step serves, if any
+    reason: str = "only-candidate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +57,25 @@ class Exclusion:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    model: str
+    requirements: Requirements = Requirements()
+    flexible: bool = False  # X-Nexus-Flexible: a higher tier may serve when the exact one can't
+    affinity_keys: tuple[int, ...] = ()
+
+
 @dataclass(slots=True)
 class Plan:
     requested: str
     resolved: str
     steps: list[Step] = field(default_factory=list)
     exclusions: list[Exclusion] = field(default_factory=list)
+    saturated: bool = False  # capable backends exist, all at capacity
+    required_tier: int | None = None
+    restricted: bool = False  # only restricted-zone backends may serve
+    stage_ns: dict[str, int] = field(default_factory=dict)
+    eta_seconds: float | None = None
 
     def route_reason(self, index: int) -> str:
         step = self.steps[index]
@@ -55,64 +83,260 @@ class Plan:
             return "fallback"
         if index > 0:
             return "failover"
-        return "only-candidate" if len(self.steps) == 1 else "priority"
+        return step.reason
+
+    def context(self, registry: Registry, fallbacks: list[str]) -> dict[str, Any]:
+        context: dict[str, Any] = {
+            "model": self.requested,
+            "resolved_model": self.resolved,
+            "fallbacks_tried": fallbacks,
+            "available_backends": [b.name for b in registry if b.healthy],
+            "excluded": [exclusion.as_dict() for exclusion in self.exclusions],
+            "privacy_zone_required": "restricted" if self.restricted else None,
+            "required_tier": self.required_tier,
+            "eta_seconds": self.eta_seconds,
+        }
+        return {key: value for key, value in context.items() if value is not None}
+
+
+class Router:
+    """Plans requests. Holds what routing remembers: strategy turns, quality, affinity."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        routing: RoutingSettings,
+        quality_settings: QualitySettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        strategies: Strategies | None = None,
+    ) -> None:
+        self.registry = registry
+        self.routing = routing
+        self.policies = Policies(routing.policies)
+        self.quality = QualityTracker(quality_settings or QualitySettings())
+        self.affinity = AffinityTable(routing.affinity_ttl_seconds)
+        self.strategies = strategies or Strategies(routing.weights)
+        self.clock = clock
+
+    def plan(self, request: RouteRequest) -> Plan:
+        """Raises ModelNotFound (nobody lists it), NoHealthyBackend (all excluded, none busy)
+        or ServiceUnavailable (no backends at all); a saturated plan has no steps."""
+        routing = self.routing
+        resolved = resolve(request.model, routing.aliases)
+        rule = self._rule(request.model, resolved)
+        plan = Plan(request.model, resolved, restricted=bool(rule and rule.restricted))
+        plan.required_tier = rule.min_tier if rule else None
+        now = self.clock()
+        known = self._add(plan, request, resolved, None, now)
+        fallbacks = routing.fallbacks.get(resolved) or routing.fallbacks.get(request.model) or []
+        for name in fallbacks:
+            target = resolve(name, routing.aliases)
+            known = self._add(plan, request, target, target, now) or known
+        if plan.steps or plan.saturated:
+            return plan
+        if not known:
+            if not len(self.registry):
+                raise ServiceUnavailable(NO_BACKENDS_HINT)
+            raise ModelNotFound(request.model, self.available_models())
+        raise NoHealthyBackend(request.model, plan.context(self.registry, list(fallbacks)))
+
+    def available_models(self) -> list[str]:
+        models = self.registry.model_ids(healthy_only=True)
+        aliases = self.routing.aliases
+        reachable = [alias for alias in aliases if resolve(alias, aliases) in models]
+        return sorted({*models, *reachable})
+
+    def remember(self, request: RouteRequest, backend: str) -> None:
+        """The conversation was served by ``backend``: send its next turns there too."""
+        if self.routing.affinity and request.affinity_keys:
+            self.affinity.remember(request.affinity_keys, backend, self.clock())
+
+    def _rule(self, requested: str, resolved: str) -> Rule | None:
+        return self.policies.match(requested) or self.policies.match(resolved)
+
+    def _add(
+        self, plan: Plan, request: RouteRequest, model: str, fallback: str | None, now: float
+    ) -> bool:
+        """Append the steps for ``model``; True when any backend at all lists it."""
+        backends = self.registry.backends_for(model)
+        if not backends:
+            return False
+        rule = self._rule(model, model) if fallback is not None else None
+        restricted = plan.restricted or bool(rule and rule.restricted)
+        tier = max(
+            filter(None, (plan.required_tier, rule.min_tier if rule else None)), default=None
+        )
+        default_capacity = self.routing.default_max_concurrent
+        candidates = [
+            Candidate(b, b.find_model(model) or model, fallback, b.capacity(default_capacity))
+            for b in backends
+        ]
+        ctx = _StageContext(plan, request, model, restricted, tier, now)
+        for stage in STAGES:
+            started = time.perf_counter_ns()
+            candidates = getattr(self, f"_{stage}")(candidates, ctx)
+            plan.stage_ns[stage] = plan.stage_ns.get(stage, 0) + time.perf_counter_ns() - started
+        if not candidates:
+            return True
+        ordered = self.strategies.order(
+            self.routing.strategy, candidates, model, request.requirements.stream
+        )
+        reason = REASONS[self.routing.strategy] if len(ordered) > 1 else "only-candidate"
+        preferred = self._affine(request, ordered, now)
+        if preferred is not None:
+            ordered.remove(preferred)
+            ordered.insert(0, preferred)
+            reason = "affinity"
+        first = len(plan.steps)
+        for index, c in enumerate(ordered):
+            step_reason = reason if first + index == 0 else "failover"
+            plan.steps.append(Step(c.backend, c.model, fallback, step_reason))
+        return True
+
+    def _affine(
+        self, request: RouteRequest, ordered: list[Candidate], now: float
+    ) -> Candidate | None:
+        if not self.routing.affinity or not request.affinity_keys or len(ordered) < 2:
+            return None
+        name = self.affinity.lookup(request.affinity_keys, now)
+        for candidate in ordered:
+            if candidate.backend.name == name:
+                return candidate
+        return None
+
+    # --- stages: each returns the candidates it keeps and records why it left others out --
+    def _health(self, candidates: list[Candidate], ctx: _StageContext) -> list[Candidate]:
+        keep = []
+        for c in candidates:
+            backend = c.backend
+            if backend.healthy and backend.unavailable is None:
+                keep.append(c)
+                continue
+            why = backend.unavailable or backend.last_error or "not yet checked"
+            ctx.exclude(c, "health", f"backend is {backend.status.value}: {why}",
+                        "check that the backend is running and reachable from Nexus")  # fmt: skip
+        return keep
+
+    def _capabilities(self, candidates: list[Candidate], ctx: _StageContext) -> list[Candidate]:
+        needs = ctx.request.requirements
+        wanted = [
+            name
+            for name, needed in (
+                ("vision", needs.vision),
+                ("tools", needs.tools),
+                ("json_mode", needs.json_mode),
+            )  # fmt: skip
+            if needed
+        ]
+        keep = []
+        for c in candidates:
+            model = c.backend.models.get(c.model)
+            missing = [] if model is None else _missing(model, wanted, candidates)
+            context = model.context_length if model is not None else None
+            if context is not None and needs.estimated_tokens > context:
+                missing.append(f"context_length ({needs.estimated_tokens} > {context} tokens)")
+            if missing:
+                action = "use a model with these capabilities, or drop them from the request"
+                ctx.exclude(c, "capabilities", "model lacks " + ", ".join(missing), action)
+            else:
+                keep.append(c)
+        return keep
+
+    def _privacy(self, candidates: list[Candidate], ctx: _StageContext) -> list[Candidate]:
+        if not ctx.restricted:
+            return candidates
+        keep = []
+        for c in candidates:
+            if c.backend.zone == "restricted":
+                keep.append(c)
+            else:
+                ctx.exclude(c, "privacy", f"zone '{c.backend.zone}' but the policy for "
+                            f"'{ctx.plan.requested}' requires 'restricted'",
+                            "serve this model from a restricted-zone (local) backend")  # fmt: skip
+        return keep
+
+    def _tier(self, candidates: list[Candidate], ctx: _StageContext) -> list[Candidate]:
+        required = ctx.tier
+        if required is None:
+            return candidates
+        exact = [c for c in candidates if c.backend.tier == required]
+        higher = [c for c in candidates if c.backend.tier > required]
+        keep = exact or (higher if ctx.request.flexible else [])
+        for c in candidates:
+            if c in keep:
+                continue
+            tier = c.backend.tier
+            if tier < required:
+                why, action = f"tier {tier} is below the required {required}", "use a higher tier"
+            elif ctx.request.flexible:
+                why, action = f"tier {tier}: an exact tier-{required} backend is available", "-"
+            else:
+                why = f"tier {tier} is not the required {required} (strict)"
+                action = "send X-Nexus-Flexible: true to allow a higher tier"
+            ctx.exclude(c, "tier", why, action)
+        return keep
+
+    def _quality(self, candidates: list[Candidate], ctx: _StageContext) -> list[Candidate]:
+        keep = []
+        quality = self.quality
+        for c in candidates:
+            verdict = quality.verdict(c.backend.name, c.model, ctx.now)
+            if verdict.excluded:
+                why = (
+                    f"error rate {verdict.error_rate:.0%} over its last {verdict.requests} requests"
+                )
+                every = quality.settings.trial_interval_seconds
+                action = f"it gets a trial request every {every:g}s and returns once one works"
+                ctx.exclude(c, "quality", why, action)
+                continue
+            c.ttft_penalty = quality.ttft_penalty(verdict.avg_ttft_ms)
+            keep.append(c)
+        return keep
+
+    def _capacity(self, candidates: list[Candidate], ctx: _StageContext) -> list[Candidate]:
+        keep = [c for c in candidates if c.backend.in_flight < c.capacity]
+        if candidates and not keep:
+            ctx.plan.saturated = True
+            latencies = [c.backend.ewma_latency_ms for c in candidates]
+            known = [ms for ms in latencies if ms is not None]
+            ctx.plan.eta_seconds = round(min(known) / 1000, 3) if known else None
+        for c in candidates:
+            if c not in keep:
+                ctx.exclude(c, "capacity", f"busy: {c.backend.in_flight} of {c.capacity} "
+                            "requests in flight", "wait, or raise max_concurrent")  # fmt: skip
+        return keep
+
+
+@dataclass(slots=True)
+class _StageContext:
+    plan: Plan
+    request: RouteRequest
+    model: str
+    restricted: bool
+    tier: int | None
+    now: float
+
+    def exclude(self, c: Candidate, stage: str, reason: str, action: str) -> None:
+        self.plan.exclusions.append(Exclusion(c.backend.name, c.model, stage, reason, action))
+
+
+def _missing(model: Any, wanted: list[str], candidates: list[Candidate]) -> list[str]:
+    """What ``model`` lacks. A guessed "no" counts only when another candidate has it."""
+    missing = []
+    for name in wanted:
+        if getattr(model, name):
+            continue
+        if model.reported or any(_claims(c, name) for c in candidates):
+            missing.append(name)
+    return missing
+
+
+def _claims(candidate: Candidate, capability: str) -> bool:
+    model = candidate.backend.models.get(candidate.model)
+    return model is not None and bool(getattr(model, capability))
 
 
 def plan_request(registry: Registry, routing: RoutingSettings, model: str) -> Plan:
-    """Plan a request for ``model``; raises ModelNotFound or NoHealthyBackend when nothing fits."""
-    resolved = resolve(model, routing.aliases)
-    plan = Plan(requested=model, resolved=resolved)
-    known = _add_steps(plan, registry, resolved, fallback=None)
-    fallbacks = routing.fallbacks.get(resolved) or routing.fallbacks.get(model) or ()
-    for name in fallbacks:
-        target = resolve(name, routing.aliases)
-        known = _add_steps(plan, registry, target, fallback=target) or known
-    if plan.steps:
-        return plan
-    if not known:
-        if not len(registry):
-            raise ServiceUnavailable(NO_BACKENDS_HINT)
-        raise ModelNotFound(model, _available(registry, routing.aliases))
-    raise NoHealthyBackend(model, _context(plan, registry, list(fallbacks)))
-
-
-def _add_steps(plan: Plan, registry: Registry, model: str, *, fallback: str | None) -> bool:
-    """Append the healthy backends for ``model``; True when any backend at all lists it."""
-    backends = registry.backends_for(model)
-    usable: list[tuple[Backend, str]] = []
-    for backend in backends:
-        own = backend.find_model(model) or model
-        if backend.healthy:
-            usable.append((backend, own))
-        else:
-            plan.exclusions.append(_unhealthy(backend, own))
-    usable.sort(key=lambda item: (item[0].priority, item[0].in_flight, item[0].name))
-    plan.steps.extend(Step(backend, own, fallback) for backend, own in usable)
-    return bool(backends)
-
-
-def _unhealthy(backend: Backend, model: str) -> Exclusion:
-    why = backend.unavailable or backend.last_error or "not yet checked"
-    return Exclusion(
-        backend=backend.name,
-        model=model,
-        stage="health",
-        reason=f"backend is {backend.status.value}: {why}",
-        suggested_action="check that the backend is running and reachable from Nexus",
-    )
-
-
-def _available(registry: Registry, aliases: Mapping[str, str]) -> list[str]:
-    models = registry.model_ids(healthy_only=True)
-    reachable = [alias for alias in aliases if resolve(alias, aliases) in models]
-    return sorted({*models, *reachable})
-
-
-def _context(plan: Plan, registry: Registry, fallbacks: list[str]) -> dict[str, Any]:
-    return {
-        "model": plan.requested,
-        "resolved_model": plan.resolved,
-        "fallbacks_tried": fallbacks,
-        "available_backends": [b.name for b in registry if b.healthy],
-        "excluded": [exclusion.as_dict() for exclusion in plan.exclusions],
-    }
+    """One-off planning with default state (tests and tools)."""
+    return Router(registry, routing).plan(RouteRequest(model))

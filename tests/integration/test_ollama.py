@@ -182,7 +182,8 @@ def test_chat_done_reason_length_becomes_finish_reason_length(start_fake, start_
 
 
 def test_chat_request_is_translated_to_ollama(start_fake, start_nexus, client):
-    fake = start_fake(FakeOllama())
+    # a vision model: the request carries an image (capability routing would exclude others)
+    fake = start_fake(FakeOllama(capabilities=["completion", "tools", "vision"]))
     nexus = start_nexus(settings_for(("ollama-1", fake, "ollama")))
     tools = [
         {
@@ -278,7 +279,7 @@ def test_stop_list_and_json_schema_format(start_fake, start_nexus, client):
 
 
 def test_remote_image_url_is_refused_with_400(start_fake, start_nexus, client):
-    fake = start_fake(FakeOllama())
+    fake = start_fake(FakeOllama(capabilities=["completion", "vision"]))
     nexus = start_nexus(settings_for(("ollama-1", fake, "ollama")))
     messages = [
         {

@@ -70,16 +70,16 @@ def test_embedding_requirements_count_all_inputs():
     assert embedding_requirements({"input": "aaaaaaaa"}).estimated_tokens == 2
 
 
-def test_plan_orders_by_priority_then_in_flight_then_name():
+def test_priority_only_orders_by_priority_then_name():
     registry = Registry(
         [
             backend("c", "m", priority=10, in_flight=5),
             backend("b", "m", priority=10, in_flight=1),
             backend("a", "m", priority=10, in_flight=1),
-            backend("z", "m", priority=1, in_flight=9),
+            backend("z", "m", priority=1, in_flight=7),
         ]
     )
-    plan = plan_request(registry, RoutingSettings(), "m")
+    plan = plan_request(registry, RoutingSettings(strategy="priority_only"), "m")
     assert [s.backend.name for s in plan.steps] == ["z", "a", "b", "c"]
     assert plan.route_reason(0) == "priority"
     assert plan.route_reason(1) == "failover"

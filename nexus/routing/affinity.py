@@ -1,0 +1,63 @@
+"""Prefix-cache affinity: a conversation, or a long shared system prompt, goes back to the
+backend that served it recently, so the prompt that backend has cached is reused.
+
+Two keys per request: the conversation (its leading system messages and first user message) and,
+when the leading system prompt is long, that prompt alone. The first key with a recent backend
+wins. Pure: the clock is passed in; the table is bounded and entries expire.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+
+LONG_PROMPT_CHARS = 1000
+MAX_ENTRIES = 10_000
+
+
+def affinity_keys(model: str, messages: Sequence[Any]) -> list[int]:
+    leading: list[Any] = []
+    system_chars = 0
+    for message in messages:
+        if not isinstance(message, Mapping):
+            break
+        leading.append(message)
+        if message.get("role") in ("system", "developer"):
+            content = message.get("content")
+            system_chars += len(content) if isinstance(content, str) else len(str(content))
+            continue
+        break  # the first user (or other) message closes the conversation's identity
+    if not leading:
+        return []
+    keys = [hash((model, orjson.dumps(leading)))]
+    system = [m for m in leading if m.get("role") in ("system", "developer")]
+    if system and system_chars >= LONG_PROMPT_CHARS and len(system) < len(leading):
+        keys.append(hash((model, orjson.dumps(system))))
+    return keys
+
+
+class AffinityTable:
+    def __init__(self, ttl_seconds: float) -> None:
+        self.ttl = ttl_seconds
+        self._entries: OrderedDict[int, tuple[str, float]] = OrderedDict()
+
+    def lookup(self, keys: Sequence[int], now: float) -> str | None:
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is None:
+                continue
+            backend, seen = entry
+            if now - seen <= self.ttl:
+                return backend
+            del self._entries[key]
+        return None
+
+    def remember(self, keys: Sequence[int], backend: str, now: float) -> None:
+        for key in keys:
+            self._entries[key] = (backend, now)
+            self._entries.move_to_end(key)
+        while len(self._entries) > MAX_ENTRIES:
+            self._entries.popitem(last=False)

@@ -161,6 +161,7 @@ def backend_from(spec: BackendSettings, environ: Mapping[str, str] | None = None
         zone=spec.effective_zone,
         tier=spec.tier,
         api_key=spec.api_key(environ),
+        max_concurrent=spec.max_concurrent,
     )
     if spec.type not in SUPPORTED_TYPES:
         backend.unavailable = f"backend type '{spec.type}' is not supported yet"

@@ -63,7 +63,7 @@ class HealthChecker:
         self._running.add(backend.name)
         started = self.clock()
         try:
-            models = await adapter.list_models(backend)
+            probe = await adapter.probe(backend)
         except UpstreamError as exc:
             self.record_failure(backend, exc.message)
         except Exception as exc:  # an adapter bug must not stop the health loop
@@ -71,7 +71,8 @@ class HealthChecker:
             self.record_failure(backend, f"{type(exc).__name__}: {exc}")
         else:
             backend.latency_ms = (self.clock() - started) * 1000
-            self.registry.set_models(backend, models)
+            backend.slots = probe.slots
+            self.registry.set_models(backend, probe.models)
             self.record_success(backend)
         finally:
             backend.last_check = time.time()

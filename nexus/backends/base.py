@@ -54,6 +54,15 @@ class Call:
 
 
 @dataclass(frozen=True, slots=True)
+class Probe:
+    """What a health probe learnt: the models, and how many requests the server takes at once
+    when it says (llama.cpp's slots)."""
+
+    models: list[Model]
+    slots: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     body: bytes
     usage: JSONDict | None = None
@@ -68,7 +77,7 @@ class EventStream(Protocol):
 
 
 class Adapter(Protocol):
-    async def list_models(self, backend: Backend) -> list[Model]: ...
+    async def probe(self, backend: Backend) -> Probe: ...
 
     async def chat(self, backend: Backend, call: Call) -> Completion: ...
 

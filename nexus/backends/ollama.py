@@ -19,7 +19,7 @@ import orjson
 
 from ..errors import InvalidRequest, JSONDict, UpstreamProtocolError
 from ..registry import Backend, Model
-from .base import Call, Completion, HTTPAdapter, gather_limited, parse_json
+from .base import Call, Completion, HTTPAdapter, Probe, gather_limited, parse_json
 from .capabilities import guess_model
 from .http1 import Response
 from .sse import DONE, SSEStream
@@ -42,7 +42,7 @@ class OllamaAdapter(HTTPAdapter):
         super().__init__(*args, **kwargs)
         self._show_cache: dict[tuple[str, str, str], Model] = {}
 
-    async def list_models(self, backend: Backend) -> list[Model]:
+    async def probe(self, backend: Backend) -> Probe:
         data = await self.get_json(backend, "/api/tags", {})
         entries = data.get("models") if isinstance(data, dict) else None
         if not isinstance(entries, list):
@@ -54,7 +54,7 @@ class OllamaAdapter(HTTPAdapter):
             functools.partial(self._describe, backend, e["name"], str(e.get("digest", "")))
             for e in named
         ]
-        return await gather_limited(calls, limit=4)
+        return Probe(await gather_limited(calls, limit=4))
 
     async def _describe(self, backend: Backend, name: str, digest: str) -> Model:
         key = (backend.url, name, digest)

@@ -13,7 +13,7 @@ import orjson
 
 from ..errors import UpstreamProtocolError
 from ..registry import Backend, Model
-from .base import Call, Completion, HTTPAdapter
+from .base import Call, Completion, HTTPAdapter, Probe
 from .capabilities import guess_model
 from .sse import SSEStream
 
@@ -43,7 +43,7 @@ class OpenAIAdapter(HTTPAdapter):
     def headers(self, backend: Backend) -> dict[str, str]:
         return {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
 
-    async def list_models(self, backend: Backend) -> list[Model]:
+    async def probe(self, backend: Backend) -> Probe:
         data = await self.get_json(backend, "/v1/models", self.headers(backend))
         entries = data.get("data") if isinstance(data, dict) else None
         if not isinstance(entries, list):
@@ -56,7 +56,8 @@ class OpenAIAdapter(HTTPAdapter):
         for entry in entries:
             if isinstance(entry, dict) and isinstance(entry.get("id"), str):
                 models.append(_model_from_entry(backend.type, profile, entry, props))
-        return models
+        slots = props.get("total_slots")
+        return Probe(models, slots if isinstance(slots, int) and slots > 0 else None)
 
     async def chat(self, backend: Backend, call: Call) -> Completion:
         body = await self.post_json(backend, "/v1/chat/completions", call.payload(), call.headers)

@@ -68,6 +68,7 @@ def test_managed_backend_starts_serves_and_lists_its_model(
     models = client.get(nexus.url + "/v1/models").json()["data"]
     assert [m["id"] for m in models] == ["tiny"]
     assert models[0]["context_length"] == 2048  # from /props: 4096 shared by 2 slots
+    assert backend.slots == 2 and backend.capacity(8) == 2  # capacity learned from its slots
     reply = client.post(
         nexus.url + CHAT, json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
     )

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 
+from nexus.backends.base import Probe
 from nexus.config import HealthCheckSettings
 from nexus.errors import UpstreamUnavailable
 from nexus.health import HealthChecker
@@ -9,7 +10,7 @@ from nexus.registry import Backend, Model, Registry, Status
 
 
 class ScriptedAdapter:
-    """Answers list_models from a script: a list of models, or an exception to raise."""
+    """Answers probes from a script: a list of models, or an exception to raise."""
 
     def __init__(self) -> None:
         self.script: list[object] = []
@@ -18,12 +19,12 @@ class ScriptedAdapter:
     def for_type(self, backend_type):
         return self
 
-    async def list_models(self, backend):
+    async def probe(self, backend):
         self.calls += 1
         outcome = self.script.pop(0)
         if isinstance(outcome, Exception):
             raise outcome
-        return outcome
+        return Probe(outcome)
 
 
 def make(failure=3, recovery=2, enabled=True):

@@ -184,7 +184,12 @@ class Router:
         )
         reason = REASONS[self.routing.strategy] if len(ordered) > 1 else "only-candidate"
         preferred = self._affine(request, ordered, now)
-        if preferred is not None:
+        trial = next((c for c in ordered if c.trial), None)
+        if trial is not None:  # the half-open trial goes first, or it would never happen
+            ordered.remove(trial)
+            ordered.insert(0, trial)
+            reason = "trial"
+        elif preferred is not None:
             ordered.remove(preferred)
             ordered.insert(0, preferred)
             reason = "affinity"
@@ -213,8 +218,13 @@ class Router:
             if backend.healthy and backend.unavailable is None:
                 keep.append(c)
                 continue
-            why = backend.unavailable or backend.last_error or "not yet checked"
-            ctx.exclude(c, "health", f"backend is {backend.status.value}: {why}",
+            if backend.unavailable is not None:
+                why = f"backend is unavailable: {backend.unavailable}"
+            else:
+                why = (
+                    f"backend is {backend.status.value}: {backend.last_error or 'not yet checked'}"
+                )
+            ctx.exclude(c, "health", why,
                         "check that the backend is running and reachable from Nexus")  # fmt: skip
         return keep
 
@@ -232,7 +242,8 @@ class Router:
         keep = []
         for c in candidates:
             model = c.backend.models.get(c.model)
-            missing = [] if model is None else _missing(model, wanted, candidates)
+            rivals = [r for r in candidates if r.backend.zone == "restricted" or not ctx.restricted]
+            missing = [] if model is None else _missing(model, wanted, rivals)
             context = model.context_length if model is not None else None
             if context is not None and needs.estimated_tokens > context:
                 missing.append(f"context_length ({needs.estimated_tokens} > {context} tokens)")
@@ -263,8 +274,9 @@ class Router:
         exact = [c for c in candidates if c.backend.tier == required]
         higher = [c for c in candidates if c.backend.tier > required]
         keep = exact or (higher if ctx.request.flexible else [])
+        kept = {id(c) for c in keep}
         for c in candidates:
-            if c in keep:
+            if id(c) in kept:
                 continue
             tier = c.backend.tier
             if tier < required:
@@ -291,18 +303,21 @@ class Router:
                 ctx.exclude(c, "quality", why, action)
                 continue
             c.ttft_penalty = quality.ttft_penalty(verdict.avg_ttft_ms)
+            c.trial = verdict.trial
             keep.append(c)
         return keep
 
     def _capacity(self, candidates: list[Candidate], ctx: _StageContext) -> list[Candidate]:
         keep = [c for c in candidates if c.backend.in_flight < c.capacity]
-        if candidates and not keep:
+        if len(keep) == len(candidates):
+            return keep
+        if not keep:
             ctx.plan.saturated = True
             latencies = [c.backend.ewma_latency_ms for c in candidates]
             known = [ms for ms in latencies if ms is not None]
             ctx.plan.eta_seconds = round(min(known) / 1000, 3) if known else None
         for c in candidates:
-            if c not in keep:
+            if c.backend.in_flight >= c.capacity:
                 ctx.exclude(c, "capacity", f"busy: {c.backend.in_flight} of {c.capacity} "
                             "requests in flight", "wait, or raise max_concurrent")  # fmt: skip
         return keep
@@ -322,7 +337,8 @@ class _StageContext:
 
 
 def _missing(model: Any, wanted: list[str], candidates: list[Candidate]) -> list[str]:
-    """What ``model`` lacks. A guessed "no" counts only when another candidate has it."""
+    """What ``model`` lacks. A guessed "no" counts only when another candidate that may serve
+    this request (privacy allowing) has it."""
     missing = []
     for name in wanted:
         if getattr(model, name):

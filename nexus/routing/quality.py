@@ -2,7 +2,7 @@
 
 A backend whose error rate over the window reaches ``error_rate_threshold`` (with at least
 ``min_requests`` outcomes) is excluded, except that every ``trial_interval_seconds`` one request
-may try it (half-open); a success then clears its record so it comes back at once. One whose
+tries it first (half-open); when that trial succeeds its record is cleared and it is back. One whose
 average TTFT exceeds ``ttft_penalty_threshold_ms`` keeps serving but scores lower. Pure: the
 clock is passed in.
 """
@@ -21,7 +21,8 @@ Key = tuple[str, str]  # (backend, model)
 class Window:
     outcomes: deque[tuple[float, bool, float | None]] = field(default_factory=deque)
     errors: int = 0
-    last_trial: float = float("-inf")
+    last_trial: float = float("-inf")  # when the breaker tripped, or last let a trial through
+    trial_pending: bool = False  # a trial was let through and has not answered yet
 
     def trim(self, now: float, span: float) -> None:
         while self.outcomes and now - self.outcomes[0][0] > span:
@@ -47,12 +48,17 @@ class QualityTracker:
     def record(self, backend: str, model: str, ok: bool, ttft_ms: float | None, now: float) -> None:
         window = self._windows.setdefault((backend, model), Window())
         window.trim(now, self.settings.window_seconds)
-        if ok and window.outcomes and self._failing(window):
-            window.outcomes.clear()  # the trial worked: close the breaker
-            window.errors = 0
+        was_failing = self._failing(window)
+        if window.trial_pending:
+            window.trial_pending = False
+            if ok:  # the trial worked: close the breaker, start afresh
+                window.outcomes.clear()
+                window.errors = 0
         window.outcomes.append((now, ok, ttft_ms))
         if not ok:
             window.errors += 1
+            if not was_failing and self._failing(window):
+                window.last_trial = now  # just tripped: the first trial comes an interval later
 
     def verdict(self, backend: str, model: str, now: float) -> Verdict:
         window = self._windows.get((backend, model))
@@ -67,6 +73,7 @@ class QualityTracker:
             return Verdict(False, rate, count, avg)
         if now - window.last_trial >= self.settings.trial_interval_seconds:
             window.last_trial = now
+            window.trial_pending = True
             return Verdict(False, rate, count, avg, trial=True)
         return Verdict(True, rate, count, avg)
 

@@ -10,7 +10,7 @@ from ..config import RoutingWeights
 from ..registry import Backend
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity: cheap membership tests
 class Candidate:
     backend: Backend
     model: str  # the backend's own name for the model
@@ -18,6 +18,7 @@ class Candidate:
     capacity: int
     ttft_penalty: float = 0.0  # 0..1 of the score taken away for slow first tokens
     score: float = 0.0
+    trial: bool = False  # the half-open trial of a backend excluded for its error rate
 
     @property
     def load(self) -> float:

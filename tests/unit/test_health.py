@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from nexus.backends.base import Probe
 from nexus.config import HealthCheckSettings
@@ -13,7 +14,7 @@ class ScriptedAdapter:
     """Answers probes from a script: a list of models, or an exception to raise."""
 
     def __init__(self) -> None:
-        self.script: list[object] = []
+        self.script: list[Any] = []
         self.calls = 0
 
     def for_type(self, backend_type):

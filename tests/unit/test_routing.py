@@ -141,3 +141,20 @@ def test_bare_name_matches_ollama_latest_tag():
     registry = Registry([backend("o", "llama3.2:latest")])
     plan = plan_request(registry, RoutingSettings(), "llama3.2")
     assert plan.steps[0].model == "llama3.2:latest"
+
+
+def test_a_guessed_no_does_not_lose_to_a_backend_privacy_rules_out():
+    from nexus.config import TrafficPolicy
+    from nexus.routing.planner import RouteRequest, Router
+    from nexus.routing.requirements import Requirements
+
+    local = backend("local", "m")  # vision unknown: guessed from the name, not reported
+    cloud = backend("cloud", "m")
+    cloud.zone = "open"
+    cloud.models = {"m": Model("m", vision=True)}
+    routing = RoutingSettings(policies=[TrafficPolicy(model_pattern="m", privacy="restricted")])
+    plan = Router(Registry([local, cloud]), routing).plan(
+        RouteRequest("m", Requirements(vision=True))
+    )
+    assert [s.backend.name for s in plan.steps] == ["local"]
+    assert [(e.backend, e.stage) for e in plan.exclusions] == [("cloud", "privacy")]

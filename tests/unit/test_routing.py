@@ -145,7 +145,7 @@ def test_bare_name_matches_ollama_latest_tag():
 
 def test_a_guessed_no_does_not_lose_to_a_backend_privacy_rules_out():
     from nexus.config import TrafficPolicy
-    from nexus.routing.planner import RouteRequest, Router
+    from nexus.routing.planner import Router, RouteRequest
     from nexus.routing.requirements import Requirements
 
     local = backend("local", "m")  # vision unknown: guessed from the name, not reported

@@ -109,7 +109,7 @@ class RoutingSettings(_Section):
     affinity: bool = True
     affinity_ttl_seconds: Annotated[float, Field(gt=0)] = 600
     # Requests a backend takes at once when neither it (llama.cpp slots) nor its entry says (ours).
-    default_max_concurrent: Annotated[int, Field(ge=1)] = 8
+    default_max_concurrent: Annotated[int, Field(ge=1)] = 100
 
     @model_validator(mode="after")
     def _check_aliases(self) -> RoutingSettings:
@@ -175,7 +175,7 @@ class BackendSettings(_Section):
     api_key_env: str | None = None
     zone: Literal["restricted", "open"] | None = None
     tier: Annotated[int, Field(ge=1, le=5)] = 1
-    max_concurrent: Annotated[int, Field(ge=1)] | None = None  # default: reported slots, else 8
+    max_concurrent: Annotated[int, Field(ge=1)] | None = None  # default: reported slots, else 100
 
     @field_validator("type", "zone", mode="before")
     @classmethod

@@ -144,22 +144,27 @@ class Dispatcher:
         return StreamResult(served, events)
 
     async def _plan(self, request: RouteRequest) -> tuple[Plan, bool]:
-        """The plan; while every capable backend is busy, wait in the queue and plan again."""
+        """The plan; while every capable backend is busy, wait in the queue and plan again.
+        While others wait for the same model, a new request waits behind them (no overtaking)."""
         plan = self.router.plan(request)
-        if plan.steps or not plan.saturated:
-            return plan, False
         queue = self.queue
+        key = plan.resolved
+        behind_others = queue is not None and bool(plan.steps) and queue.waiting(key) > 0
+        if not behind_others and (plan.steps or not plan.saturated):
+            return plan, False
         context = plan.context(self.registry, [])
         retry_after = max(1, int(self.max_wait))
         if queue is None:
             raise Saturated(request.model, context, BUSY, retry_after)
+        if behind_others:
+            queue.notify(key)  # a slot is free right now: the first in line takes it
         deadline = self.clock() + self.max_wait
         again = False
-        while not plan.steps:
+        while True:
             remaining = deadline - self.clock()
             try:
                 woken = remaining > 0 and await queue.wait(
-                    high=request.requirements.high_priority, limit=remaining, again=again
+                    key, high=request.requirements.high_priority, limit=remaining, again=again
                 )
             except QueueFull:
                 raise Saturated(
@@ -169,7 +174,8 @@ class Dispatcher:
                 raise Saturated(request.model, context, BUSY + QUEUE_TIMEOUT, retry_after)
             again = True
             plan = self.router.plan(request)
-        return plan, True
+            if plan.steps:
+                return plan, True
 
     async def _walk(
         self,
@@ -235,7 +241,7 @@ class Dispatcher:
     def _release(self, backend: Backend) -> None:
         backend.in_flight -= 1
         if self.queue is not None:
-            self.queue.notify()
+            self.queue.notify_served_by(lambda model: backend.find_model(model) is not None)
 
     def _succeeded(
         self, step: Step, request: RouteRequest, latency_ms: float, ttft_ms: float | None

@@ -17,18 +17,46 @@ from ..config import QualitySettings
 Key = tuple[str, str]  # (backend, model)
 
 
+MAX_OUTCOMES = 1000  # per backend and model: the newest count, whatever the window's length
+
+
 @dataclass(slots=True)
 class Window:
+    """Outcomes in arrival order, with running totals so that a verdict costs O(1)."""
+
     outcomes: deque[tuple[float, bool, float | None]] = field(default_factory=deque)
     errors: int = 0
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
     last_trial: float = float("-inf")  # when the breaker tripped, or last let a trial through
     trial_pending: bool = False  # a trial was let through and has not answered yet
 
+    def add(self, now: float, ok: bool, ttft_ms: float | None) -> None:
+        self.outcomes.append((now, ok, ttft_ms))
+        if not ok:
+            self.errors += 1
+        elif ttft_ms is not None:
+            self.ttft_sum += ttft_ms
+            self.ttft_count += 1
+        if len(self.outcomes) > MAX_OUTCOMES:
+            self._drop()
+
     def trim(self, now: float, span: float) -> None:
         while self.outcomes and now - self.outcomes[0][0] > span:
-            _, ok, _ = self.outcomes.popleft()
-            if not ok:
-                self.errors -= 1
+            self._drop()
+
+    def clear(self) -> None:
+        self.outcomes.clear()
+        self.errors = self.ttft_count = 0
+        self.ttft_sum = 0.0
+
+    def _drop(self) -> None:
+        _, ok, ttft_ms = self.outcomes.popleft()
+        if not ok:
+            self.errors -= 1
+        elif ttft_ms is not None:
+            self.ttft_sum -= ttft_ms
+            self.ttft_count -= 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,13 +80,10 @@ class QualityTracker:
         if window.trial_pending:
             window.trial_pending = False
             if ok:  # the trial worked: close the breaker, start afresh
-                window.outcomes.clear()
-                window.errors = 0
-        window.outcomes.append((now, ok, ttft_ms))
-        if not ok:
-            window.errors += 1
-            if not was_failing and self._failing(window):
-                window.last_trial = now  # just tripped: the first trial comes an interval later
+                window.clear()
+        window.add(now, ok, ttft_ms)
+        if not ok and not was_failing and self._failing(window):
+            window.last_trial = now  # just tripped: the first trial comes an interval later
 
     def verdict(self, backend: str, model: str, now: float) -> Verdict:
         window = self._windows.get((backend, model))
@@ -67,8 +92,7 @@ class QualityTracker:
         window.trim(now, self.settings.window_seconds)
         count = len(window.outcomes)
         rate = window.errors / count if count else 0.0
-        ttfts = [t for _, ok, t in window.outcomes if ok and t is not None]
-        avg = sum(ttfts) / len(ttfts) if ttfts else None
+        avg = window.ttft_sum / window.ttft_count if window.ttft_count else None
         if not self._failing(window):
             return Verdict(False, rate, count, avg)
         if now - window.last_trial >= self.settings.trial_interval_seconds:

@@ -173,7 +173,7 @@ def test_affinity_expires_after_its_ttl():
 @pytest.mark.parametrize(
     "make_unusable",
     [
-        pytest.param(lambda b: setattr(b, "in_flight", 8), id="saturated"),
+        pytest.param(lambda b: setattr(b, "in_flight", 100), id="saturated"),
         pytest.param(lambda b: setattr(b, "status", Status.UNHEALTHY), id="unhealthy"),
     ],
 )

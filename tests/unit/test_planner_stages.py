@@ -92,7 +92,7 @@ def test_each_stage_excludes_with_its_name_a_reason_and_an_action():
         backend("cloud", tools, tier=2, zone="open"),
         backend("low", tools, tier=1),
         backend("flaky", tools, tier=2),
-        backend("busy", tools, tier=2, in_flight=8),
+        backend("busy", tools, tier=2, in_flight=100),
         backend("ok", tools, tier=2),
         clock=clock,
         quality=QualitySettings(min_requests=1),

@@ -149,3 +149,15 @@ def test_ttft_penalty_grows_past_the_threshold_up_to_all(avg_ms, penalty):
 
 def test_a_zero_ttft_threshold_turns_the_penalty_off():
     assert tracker(ttft_penalty_threshold_ms=0).ttft_penalty(50_000.0) == 0.0
+
+
+def test_the_window_stays_bounded_and_its_totals_stay_right():
+    from nexus.routing.quality import MAX_OUTCOMES
+
+    tracker = QualityTracker(QualitySettings(window_seconds=10_000, min_requests=1))
+    for i in range(MAX_OUTCOMES + 500):
+        tracker.record("b", "m", i % 4 != 0, 100.0 + i % 2, now=float(i) / 1000)
+    verdict = tracker.verdict("b", "m", now=2.0)
+    assert verdict.requests == MAX_OUTCOMES
+    assert verdict.error_rate == 0.25
+    assert verdict.avg_ttft_ms is not None and 100.0 < verdict.avg_ttft_ms < 101.0

@@ -31,7 +31,7 @@ class Waiters:
 
     async def add(self, name: str, *, high: bool = False, again: bool = False) -> None:
         async def wait() -> None:
-            if await self.queue.wait(high=high, limit=LONG, again=again):
+            if await self.queue.wait("m", high=high, limit=LONG, again=again):
                 self.woken.append(name)
 
         self.tasks.append(asyncio.create_task(wait()))
@@ -40,7 +40,7 @@ class Waiters:
     async def wake(self, times: int = 1) -> list[str]:
         before = len(self.woken)
         for _ in range(times):
-            self.queue.notify()
+            self.queue.notify("m")
             await settle()
         return self.woken[before:]
 
@@ -98,7 +98,7 @@ def test_notify_wakes_exactly_one_waiter():
 def test_notify_with_nobody_waiting_does_nothing():
     async def main() -> None:
         queue = RequestQueue(max_size=10)
-        queue.notify()
+        queue.notify("m")
         assert queue.depth == 0
 
     run(main())
@@ -111,9 +111,9 @@ def test_a_full_queue_raises_queue_full():
         await waiters.add("a")
         await waiters.add("b", high=True)  # the bound counts both lines together
         with pytest.raises(QueueFull):
-            await queue.wait(high=False, limit=LONG)
+            await queue.wait("m", high=False, limit=LONG)
         with pytest.raises(QueueFull):
-            await queue.wait(high=True, limit=LONG)
+            await queue.wait("m", high=True, limit=LONG)
         assert queue.depth == 2
         await waiters.close()
 
@@ -123,7 +123,7 @@ def test_a_full_queue_raises_queue_full():
 def test_a_queue_of_size_zero_takes_nobody():
     async def main() -> None:
         with pytest.raises(QueueFull):
-            await RequestQueue(max_size=0).wait(high=False, limit=LONG)
+            await RequestQueue(max_size=0).wait("m", high=False, limit=LONG)
 
     run(main())
 
@@ -131,8 +131,8 @@ def test_a_queue_of_size_zero_takes_nobody():
 def test_wait_returns_false_when_its_limit_passes_first():
     async def main() -> None:
         queue = RequestQueue(max_size=10)
-        assert await queue.wait(high=False, limit=0.01) is False
-        assert await queue.wait(high=True, limit=0) is False
+        assert await queue.wait("m", high=False, limit=0.01) is False
+        assert await queue.wait("m", high=True, limit=0) is False
         assert queue.depth == 0  # a waiter that gave up leaves the line
 
     run(main())
@@ -180,3 +180,20 @@ def test_depth_counts_both_lines_and_drops_cancelled_waiters():
         await waiters.close()
 
     run(main())
+
+
+def test_each_model_has_its_own_line_and_wake_ups():
+    async def main() -> None:
+        queue = RequestQueue(max_size=10)
+        a = asyncio.ensure_future(queue.wait("a", high=False, limit=LONG))
+        b = asyncio.ensure_future(queue.wait("b", high=False, limit=LONG))
+        await asyncio.sleep(0)  # let both join their lines
+        assert (queue.waiting("a"), queue.waiting("b"), queue.depth) == (1, 1, 2)
+        queue.notify_served_by(lambda model: model == "b")
+        assert await b is True
+        assert not a.done()
+        queue.notify("a")
+        assert await a is True
+        assert queue.depth == 0 and queue.waiting("a") == 0
+
+    asyncio.run(main())

@@ -9,7 +9,6 @@ came. Once a stream has started there is no failover: a failure ends it with an 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -285,7 +284,3 @@ def upstream_headers(step: Step, client: Mapping[str, str], request_id: str) -> 
 def error_event(exc: NexusError) -> bytes:
     """A mid-stream failure as one SSE event carrying an OpenAI error envelope."""
     return b"data: " + orjson.dumps(exc.envelope()) + b"\n\n"
-
-
-def new_request_id() -> str:
-    return os.urandom(16).hex()

@@ -12,7 +12,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from .api.admin import Health, Live, Ready
+from .api.admin import Health, History, Live, Metrics, Ready, Stats
 from .api.errors import HANDLERS
 from .api.middleware import GatewayMiddleware
 from .api.openai import ChatCompletions, Embeddings, Models
@@ -74,6 +74,7 @@ def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) 
                 if spec.managed is not None
             ]
             app.state.gateway.managed = managed
+            stack.callback(app.state.gateway.telemetry.drain)
             stack.push_async_callback(_stop_all, managed)
             await asyncio.gather(*(start_managed(server) for server in managed))
             discovery = Discovery(registry, health, settings.discovery, settings.server, client)
@@ -104,6 +105,9 @@ def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) 
         Route("/health", Health(), methods=["GET"]),
         Route("/livez", Live(), methods=["GET"]),
         Route("/readyz", Ready(), methods=["GET"]),
+        Route("/metrics", Metrics(), methods=["GET"]),
+        Route("/v1/stats", Stats(), methods=["GET"]),
+        Route("/v1/history", History(), methods=["GET"]),
     ]
     return Starlette(
         routes=routes,

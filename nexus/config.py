@@ -212,6 +212,10 @@ class BackendSettings(_Section):
         return "open" if self.type in CLOUD_TYPES else "restricted"
 
 
+class HistorySettings(_Section):
+    max_entries: Annotated[int, Field(ge=0, le=1_000_000)] = 1000  # requests kept for /v1/history
+
+
 class EmbeddedSettings(_Section):
     # With no [[backends]] configured, serve SmolLM2-135M through a managed llama-server when
     # scripts/serve (or scripts/build-llama-server and the model) have put both in the cache.
@@ -227,6 +231,7 @@ class Settings(_Section):
     quality: QualitySettings = Field(default_factory=QualitySettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
+    history: HistorySettings = Field(default_factory=HistorySettings)
     backends: list[BackendSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")

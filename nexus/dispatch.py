@@ -33,6 +33,7 @@ from .registry import Backend, Registry
 from .routing.affinity import affinity_keys
 from .routing.planner import Plan, Router, RouteRequest, Step
 from .routing.requirements import chat_requirements, embedding_requirements
+from .telemetry.outcomes import Trace
 
 log = logging.getLogger("nexus.dispatch")
 
@@ -104,10 +105,17 @@ class Dispatcher:
         return RouteRequest(model, chat_requirements(body, client), flexible, keys)
 
     async def complete(
-        self, kind: Kind, body: JSONDict, raw: bytes, client: Mapping[str, str], request_id: str
+        self,
+        kind: Kind,
+        body: JSONDict,
+        raw: bytes,
+        client: Mapping[str, str],
+        request_id: str,
+        trace: Trace | None = None,
     ) -> tuple[Completion, Served]:
         """A whole (non-streaming) answer from the first step of the plan that gives one."""
         request = self.route_request(kind, body, client)
+        trace = trace or Trace()
 
         async def attempt(adapter: Adapter, step: Step, call: Call) -> Completion:
             started = self.clock()
@@ -118,17 +126,25 @@ class Dispatcher:
                     result = await adapter.embeddings(step.backend, call)
             finally:
                 self._release(step.backend)
+                trace.upstream_ms += (self.clock() - started) * 1000
             self._succeeded(step, request, (self.clock() - started) * 1000, None)
+            trace.usage(result.usage)
             return result
 
-        return await self._walk(request, body, raw, client, request_id, attempt)
+        return await self._walk(request, body, raw, client, request_id, attempt, trace)
 
     async def stream(
-        self, body: JSONDict, raw: bytes, client: Mapping[str, str], request_id: str
+        self,
+        body: JSONDict,
+        raw: bytes,
+        client: Mapping[str, str],
+        request_id: str,
+        trace: Trace | None = None,
     ) -> StreamResult:
         """Open a stream on the first step that answers; failover ends at the first event.
         The backend's in-flight slot is held until the relay ends."""
         request = self.route_request("chat", body, client)
+        trace = trace or Trace()
 
         async def attempt(adapter: Adapter, step: Step, call: Call) -> EventStream:
             try:
@@ -138,8 +154,8 @@ class Dispatcher:
                 raise
 
         started = self.clock()
-        upstream, served = await self._walk(request, body, raw, client, request_id, attempt)
-        events = self._relay(upstream, served.step, request, request_id, started)
+        upstream, served = await self._walk(request, body, raw, client, request_id, attempt, trace)
+        events = self._relay(upstream, served.step, request, request_id, started, trace)
         return StreamResult(served, events)
 
     async def _plan(self, request: RouteRequest) -> tuple[Plan, bool]:
@@ -184,12 +200,19 @@ class Dispatcher:
         client: Mapping[str, str],
         request_id: str,
         attempt: Callable[[Adapter, Step, Call], Awaitable[T]],
+        trace: Trace,
     ) -> tuple[T, Served]:
         """Try the plan's steps in order until one answers; ``attempt`` owns the in-flight slot
         taken here (it releases it when the answer is complete, or at once when it fails)."""
+        trace.model = request.model
+        trace.stream = request.requirements.stream
         plan, queued = await self._plan(request)
+        trace.stage_ns = plan.stage_ns
+        for exclusion in plan.exclusions:
+            trace.exclusions[exclusion.stage] = trace.exclusions.get(exclusion.stage, 0) + 1
         last: UpstreamError | None = None
         for index, step in enumerate(plan.steps[: self.max_retries + 1]):
+            trace.attempts = index + 1
             adapter = self.adapters.for_type(step.backend.type)
             if adapter is None:
                 continue
@@ -205,7 +228,10 @@ class Dispatcher:
                 last = exc
                 continue
             reason = "queued" if queued and index == 0 and step.fallback is None else None
-            return result, Served(step, reason or plan.route_reason(index), index + 1)
+            served = Served(step, reason or plan.route_reason(index), index + 1)
+            trace.backend, trace.route_reason = step.backend.name, served.route_reason
+            trace.fallback_model = step.fallback
+            return result, served
         raise last or ServiceUnavailable(f"No backend could serve model '{plan.requested}'")
 
     async def _relay(
@@ -215,6 +241,7 @@ class Dispatcher:
         request: RouteRequest,
         request_id: str,
         started: float,
+        trace: Trace,
     ) -> AsyncGenerator[bytes, None]:
         """Upstream events one for one; always ends with ``[DONE]``; releases the slot on exit."""
         done = False
@@ -222,7 +249,9 @@ class Dispatcher:
         try:
             async for event in upstream:
                 if ttft_ms is None:
-                    ttft_ms = (self.clock() - started) * 1000
+                    ttft_ms = trace.ttft_ms = (self.clock() - started) * 1000
+                if b'"usage":{' in event:
+                    trace.usage(_usage_of(event))
                 yield event
                 if is_done(event):
                     done = True
@@ -230,9 +259,11 @@ class Dispatcher:
             self._succeeded(step, request, (self.clock() - started) * 1000, ttft_ms)
         except UpstreamError as exc:
             self._failed(step, exc, request_id, started=True)
+            trace.error_type = "stream_broken"
             yield error_event(exc)
         finally:
             self._release(step.backend)
+            trace.upstream_ms = (self.clock() - started) * 1000
             await upstream.aclose()
         if not done:
             yield DONE
@@ -279,6 +310,15 @@ def upstream_headers(step: Step, client: Mapping[str, str], request_id: str) -> 
     elif "authorization" in client:
         headers["Authorization"] = client["authorization"]
     return headers
+
+
+def _usage_of(event: bytes) -> object:
+    """The ``usage`` object of an SSE chunk that carries one (else None)."""
+    try:
+        chunk = orjson.loads(event[event.index(b"{") :])
+    except (ValueError, orjson.JSONDecodeError):
+        return None
+    return chunk.get("usage") if isinstance(chunk, dict) else None
 
 
 def error_event(exc: NexusError) -> bytes:

@@ -10,6 +10,10 @@ from .dispatch import Dispatcher
 from .health import HealthChecker
 from .managed import ManagedServer
 from .registry import Registry
+from .telemetry.history import History
+from .telemetry.metrics import FleetView, Metrics
+from .telemetry.outcomes import Telemetry
+from .telemetry.stats import Stats
 
 
 @dataclass(slots=True)
@@ -19,6 +23,30 @@ class Gateway:
     health: HealthChecker
     dispatcher: Dispatcher
     managed: list[ManagedServer] = field(default_factory=list)
+    telemetry: Telemetry = field(init=False)
+    metrics: Metrics = field(init=False)
+    stats: Stats = field(init=False)
+    history: History = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.known_model, self.fleet)
+        self.stats = Stats()
+        self.history = History(self.settings.history.max_entries)
+        self.telemetry = Telemetry([self.metrics, self.stats, self.history])
+
+    def known_model(self, model: str) -> bool:
+        return bool(self.registry.backends_for(model)) or model in self.settings.routing.aliases
+
+    def fleet(self) -> FleetView:
+        backends = list(self.registry)
+        queue = self.dispatcher.queue
+        return FleetView(
+            in_flight={b.name: b.in_flight for b in backends},
+            healthy={b.name: b.healthy for b in backends},
+            models_available=len(self.registry.model_ids(healthy_only=True)),
+            queue_depth=queue.depth if queue is not None else 0,
+        )
+
     started_at: float = field(default_factory=time.time)
     started_monotonic: float = field(default_factory=time.monotonic)
 

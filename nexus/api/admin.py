@@ -5,8 +5,9 @@ from __future__ import annotations
 from starlette.types import Receive, Scope, Send
 
 from .. import __version__
-from ..errors import ServiceUnavailable
+from ..errors import InvalidRequest, ServiceUnavailable
 from ..gateway import Gateway
+from ..telemetry.metrics import CONTENT_TYPE
 from .http import dumps, send_json
 from .openai import gateway_of
 
@@ -53,3 +54,77 @@ class Ready:
                 "or start a local server (Ollama, llama.cpp, vLLM, LM Studio)."
             )
         await send_json(send, 200, dumps({"status": "ready", "healthy_backends": healthy}))
+
+
+class Metrics:
+    """``GET /metrics``: Prometheus text."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gateway = gateway_of(scope)
+        gateway.telemetry.drain()  # what finished just now is in the numbers
+        body = gateway.metrics.render()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", CONTENT_TYPE.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class Stats:
+    """``GET /v1/stats``: totals, per backend and per model, percentiles, in flight, queue."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, dumps(stats_of(gateway_of(scope))))
+
+
+def stats_of(gateway: Gateway) -> dict[str, object]:
+    gateway.telemetry.drain()
+    stats = gateway.stats
+    fleet = gateway.fleet()
+    backends = []
+    for backend in gateway.registry:
+        tally = stats.backends.get(backend.name)
+        row: dict[str, object] = {
+            "name": backend.name,
+            "status": backend.status.value,
+            "in_flight": backend.in_flight,
+            "capacity": backend.capacity(gateway.settings.routing.default_max_concurrent),
+        }
+        row.update(tally.summary() if tally else {"requests": 0, "success": 0, "errors": 0})
+        backends.append(row)
+    return {
+        "uptime_seconds": gateway.uptime_seconds(),
+        "requests": stats.total.summary(),
+        "in_flight": sum(fleet.in_flight.values()),
+        "queue_depth": fleet.queue_depth,
+        "backends": backends,
+        "models": [
+            {"name": name, **tally.summary()} for name, tally in sorted(stats.models.items())
+        ],
+    }
+
+
+class History:
+    """``GET /v1/history?limit=N``: the last requests, newest last, without content."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gateway = gateway_of(scope)
+        gateway.telemetry.drain()
+        limit = _limit(scope.get("query_string", b""))
+        await send_json(send, 200, dumps({"data": gateway.history.last(limit)}))
+
+
+def _limit(query: bytes) -> int | None:
+    for part in query.split(b"&"):
+        name, _, value = part.partition(b"=")
+        if name == b"limit":
+            if not value.isdigit():
+                raise InvalidRequest("'limit' must be a whole number", param="limit")
+            return int(value)
+    return None

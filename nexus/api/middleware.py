@@ -16,9 +16,11 @@ from collections.abc import Mapping
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import NexusError
+from ..telemetry.outcomes import Trace, outcome_of
 from .http import ClientGone, send_json
 
 REQUEST_ID_KEY = "nexus.request_id"
+TRACE_KEY = "nexus.trace"
 access_log = logging.getLogger("nexus.access")
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
@@ -54,14 +56,23 @@ class GatewayMiddleware:
             await self.app(scope, receive, send_with_id)
             return
         began = time.perf_counter()
+        trace = scope[TRACE_KEY] = Trace()
         try:
             await handler(scope, receive, send_with_id)
         except ClientGone:
-            pass  # nobody is left to answer
+            trace.error_type = "client_gone"
         except NexusError as exc:
+            trace.error_type = exc.code or type(exc).__name__
             await send_json(send_with_id, exc.status_code, exc.body(), _encode(exc.headers()))
+        seconds = time.perf_counter() - began
+        status = start[0]["status"] if start else 499
+        gateway = getattr(scope["app"].state, "gateway", None)
+        if gateway is not None:
+            gateway.telemetry.record(
+                outcome_of(trace, scope[REQUEST_ID_KEY], status, seconds * 1000)
+            )
         if access_log.isEnabledFor(logging.INFO):
-            _log_request(scope, start[0] if start else None, time.perf_counter() - began)
+            _log_request(scope, start[0] if start else None, seconds)
 
 
 def _log_request(scope: Scope, start: Message | None, seconds: float) -> None:
@@ -88,6 +99,11 @@ def _log_request(scope: Scope, start: Message | None, seconds: float) -> None:
             "route_reason": reason,
         },
     )
+
+
+def trace_of(scope: Scope) -> Trace:
+    trace: Trace = scope.get(TRACE_KEY) or Trace()
+    return trace
 
 
 def _encode(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:

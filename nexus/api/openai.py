@@ -15,7 +15,7 @@ from ..errors import InvalidRequest, JSONDict
 from ..gateway import Gateway
 from .disconnect import DisconnectGuard
 from .http import client_headers, dumps, parse_object, read_body, send_json
-from .middleware import REQUEST_ID_KEY
+from .middleware import REQUEST_ID_KEY, trace_of
 from .sse import send_stream
 
 MAX_EMBEDDING_INPUTS = 2048
@@ -35,12 +35,15 @@ class ChatCompletions:
         dispatcher = gateway_of(scope).dispatcher
         headers = client_headers(scope)
         request_id: str = scope[REQUEST_ID_KEY]
+        trace = trace_of(scope)
         async with DisconnectGuard(receive, send) as guard:
             if body.get("stream") is True:
-                result = await dispatcher.stream(body, raw, headers, request_id)
+                result = await dispatcher.stream(body, raw, headers, request_id, trace)
                 await send_stream(guard.send, result)
                 return
-            completion, served = await dispatcher.complete("chat", body, raw, headers, request_id)
+            completion, served = await dispatcher.complete(
+                "chat", body, raw, headers, request_id, trace
+            )
             await send_json(guard.send, 200, completion.body, served.headers())
 
 
@@ -52,9 +55,11 @@ class Embeddings:
         body = parse_object(raw)
         check_embeddings(body)
         dispatcher = gateway_of(scope).dispatcher
+        trace = trace_of(scope)
+        trace.kind = "embeddings"
         async with DisconnectGuard(receive, send) as guard:
             completion, served = await dispatcher.complete(
-                "embeddings", body, raw, client_headers(scope), scope[REQUEST_ID_KEY]
+                "embeddings", body, raw, client_headers(scope), scope[REQUEST_ID_KEY], trace
             )
             await send_json(guard.send, 200, completion.body, served.headers())
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import NexusError
-from ..telemetry.outcomes import Trace, outcome_of
+from ..telemetry.outcomes import Outcome, Trace, outcome_of
 from .http import ClientGone, send_json
 
 REQUEST_ID_KEY = "nexus.request_id"
@@ -66,37 +66,40 @@ class GatewayMiddleware:
             await send_json(send_with_id, exc.status_code, exc.body(), _encode(exc.headers()))
         seconds = time.perf_counter() - began
         status = start[0]["status"] if start else 499
+        outcome = outcome_of(trace, scope[REQUEST_ID_KEY], status, seconds * 1000)
         gateway = getattr(scope["app"].state, "gateway", None)
         if gateway is not None:
-            gateway.telemetry.record(
-                outcome_of(trace, scope[REQUEST_ID_KEY], status, seconds * 1000)
-            )
+            gateway.telemetry.record(outcome)
         if access_log.isEnabledFor(logging.INFO):
-            _log_request(scope, start[0] if start else None, seconds)
+            _log_request(scope["path"], outcome)
 
 
-def _log_request(scope: Scope, start: Message | None, seconds: float) -> None:
+def _log_request(path: str, o: Outcome) -> None:
     """One line per inference request; status 499 means the client left before the answer."""
-    headers = dict(start["headers"]) if start else {}
-    status = start["status"] if start else 499
-    backend = headers.get(b"x-nexus-backend", b"-").decode()
-    reason = headers.get(b"x-nexus-route-reason", b"-").decode()
-    request_id = scope[REQUEST_ID_KEY]
+    tokens = f"{o.prompt_tokens or 0}+{o.completion_tokens or 0}"
     access_log.info(
-        "%s %s %d %.1fms backend=%s route=%s request_id=%s",
-        scope["method"],
-        scope["path"],
-        status,
-        seconds * 1000,
-        backend,
-        reason,
-        request_id,
+        "POST %s %d %.1fms model=%s backend=%s route=%s tries=%d tokens=%s request_id=%s",
+        path,
+        o.status,
+        o.duration_ms,
+        o.model or "-",
+        o.backend or "-",
+        o.route_reason or "-",
+        o.attempts,
+        tokens,
+        o.request_id,
         extra={
-            "request_id": request_id,
-            "status": status,
-            "duration_ms": round(seconds * 1000, 3),
-            "backend": backend,
-            "route_reason": reason,
+            "request_id": o.request_id,
+            "status": o.status,
+            "duration_ms": round(o.duration_ms, 3),
+            "model": o.model,
+            "backend": o.backend,
+            "route_reason": o.route_reason,
+            "attempts": o.attempts,
+            "prompt_tokens": o.prompt_tokens,
+            "completion_tokens": o.completion_tokens,
+            "stream": o.stream,
+            "error_type": o.error_type,
         },
     )
 

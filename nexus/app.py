@@ -13,15 +13,16 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from .api.admin import Health, History, Live, Metrics, Ready, Stats
+from .api.backends import AdminBackends, BackendList
 from .api.errors import HANDLERS
 from .api.middleware import GatewayMiddleware
 from .api.openai import ChatCompletions, Embeddings, Models
-from .backends import SUPPORTED_TYPES, Adapters, HTTP1Client, Timeouts
-from .config import BackendSettings, Settings
+from .backends import Adapters, HTTP1Client, Timeouts
+from .config import Settings
 from .discovery import Discovery
 from .dispatch import Dispatcher
 from .errors import NO_BACKENDS_HINT
-from .gateway import Gateway
+from .gateway import Gateway, backend_from
 from .health import HealthChecker
 from .managed import ManagedError, ManagedServer, embedded_default
 from .queueing import RequestQueue
@@ -108,6 +109,9 @@ def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) 
         Route("/metrics", Metrics(), methods=["GET"]),
         Route("/v1/stats", Stats(), methods=["GET"]),
         Route("/v1/history", History(), methods=["GET"]),
+        Route("/v1/backends", BackendList(), methods=["GET"]),
+        Route("/admin/backends", AdminBackends(), methods=["POST"]),
+        Route("/admin/backends/{name}", AdminBackends(), methods=["DELETE"]),
     ]
     return Starlette(
         routes=routes,
@@ -154,26 +158,3 @@ async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
 
 def _missing(name: str) -> Backend:
     raise RuntimeError(f"backend {name} vanished from the registry during start-up")
-
-
-def backend_from(spec: BackendSettings, environ: Mapping[str, str] | None = None) -> Backend:
-    backend = Backend(
-        name=spec.name,
-        url=spec.url or "http://127.0.0.1:0",  # a managed backend's URL is set when it starts
-        type=spec.type,
-        priority=spec.priority,
-        zone=spec.effective_zone,
-        tier=spec.tier,
-        api_key=spec.api_key(environ),
-        max_concurrent=spec.max_concurrent,
-    )
-    if spec.type not in SUPPORTED_TYPES:
-        backend.unavailable = f"backend type '{spec.type}' is not supported yet"
-    elif spec.api_key_env and backend.api_key is None:
-        backend.unavailable = f"environment variable {spec.api_key_env} (api_key_env) is not set"
-    elif spec.type == "openai" and not spec.api_key_env:
-        backend.unavailable = "type 'openai' needs api_key_env naming the variable with its key"
-    if backend.unavailable:
-        backend.status = Status.UNHEALTHY
-        backend.last_error = backend.unavailable
-    return backend

@@ -45,6 +45,15 @@ class ServerSettings(_Section):
     # How long in-flight requests may take to finish after SIGINT/SIGTERM.
     shutdown_timeout_seconds: Annotated[float, Field(ge=0)] = 10
     max_concurrent_requests: Annotated[int, Field(ge=1)] = 1000
+    # The admin API (adding and removing backends) answers only on loopback, unless a key is
+    # configured: then it answers anyone who sends it as a bearer token (ours).
+    admin_key_env: str | None = None
+
+    def admin_key(self, environ: Mapping[str, str] | None = None) -> str | None:
+        if not self.admin_key_env:
+            return None
+        env = os.environ if environ is None else environ
+        return env.get(self.admin_key_env) or None
 
 
 class DiscoverySettings(_Section):

@@ -3,6 +3,7 @@
     NexusError                         status  type                    code
       InvalidRequest                   400     invalid_request_error   invalid_request_error
       Unauthorized                     401     authentication_error    invalid_api_key
+      Forbidden                        403     permission_error        forbidden
       NotFound                         404     invalid_request_error   not_found
         ModelNotFound                  404     invalid_request_error   model_not_found
       MethodNotAllowed                 405     invalid_request_error   method_not_allowed
@@ -79,6 +80,12 @@ class Unauthorized(NexusError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class Forbidden(NexusError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
 
 
 class NotFound(NexusError):

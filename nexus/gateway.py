@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .config import Settings
+from .backends import SUPPORTED_TYPES
+from .config import BackendSettings, Settings
 from .dispatch import Dispatcher
 from .health import HealthChecker
 from .managed import ManagedServer
-from .registry import Registry
+from .registry import Backend, Registry, Status
 from .telemetry.history import History
 from .telemetry.metrics import FleetView, Metrics
 from .telemetry.outcomes import Telemetry
@@ -52,3 +54,26 @@ class Gateway:
 
     def uptime_seconds(self) -> int:
         return int(time.monotonic() - self.started_monotonic)
+
+
+def backend_from(spec: BackendSettings, environ: Mapping[str, str] | None = None) -> Backend:
+    backend = Backend(
+        name=spec.name,
+        url=spec.url or "http://127.0.0.1:0",  # a managed backend's URL is set when it starts
+        type=spec.type,
+        priority=spec.priority,
+        zone=spec.effective_zone,
+        tier=spec.tier,
+        api_key=spec.api_key(environ),
+        max_concurrent=spec.max_concurrent,
+    )
+    if spec.type not in SUPPORTED_TYPES:
+        backend.unavailable = f"backend type '{spec.type}' is not supported yet"
+    elif spec.api_key_env and backend.api_key is None:
+        backend.unavailable = f"environment variable {spec.api_key_env} (api_key_env) is not set"
+    elif spec.type == "openai" and not spec.api_key_env:
+        backend.unavailable = "type 'openai' needs api_key_env naming the variable with its key"
+    if backend.unavailable:
+        backend.status = Status.UNHEALTHY
+        backend.last_error = backend.unavailable
+    return backend

@@ -71,14 +71,16 @@ class GatewayMiddleware:
         if gateway is not None:
             gateway.telemetry.record(outcome)
         if access_log.isEnabledFor(logging.INFO):
-            _log_request(scope["path"], outcome)
+            _log_request(scope["path"], outcome, trace.content)
 
 
-def _log_request(path: str, o: Outcome) -> None:
-    """One line per inference request; status 499 means the client left before the answer."""
+def _log_request(path: str, o: Outcome, content: str | None) -> None:
+    """One line per inference request; status 499 means the client left before the answer.
+    Message content appears only when content logging is on (``content`` is None otherwise)."""
     tokens = f"{o.prompt_tokens or 0}+{o.completion_tokens or 0}"
+    extra: dict[str, object] = {} if content is None else {"content": content}
     access_log.info(
-        "POST %s %d %.1fms model=%s backend=%s route=%s tries=%d tokens=%s request_id=%s",
+        "POST %s %d %.1fms model=%s backend=%s route=%s tries=%d tokens=%s request_id=%s%s",
         path,
         o.status,
         o.duration_ms,
@@ -88,7 +90,9 @@ def _log_request(path: str, o: Outcome) -> None:
         o.attempts,
         tokens,
         o.request_id,
+        "" if content is None else f" content={content!r}",
         extra={
+            **extra,
             "request_id": o.request_id,
             "status": o.status,
             "duration_ms": round(o.duration_ms, 3),

@@ -36,6 +36,8 @@ class ChatCompletions:
         headers = client_headers(scope)
         request_id: str = scope[REQUEST_ID_KEY]
         trace = trace_of(scope)
+        if gateway_of(scope).settings.logging.enable_content_logging:
+            trace.content = content_preview(body["messages"])
         async with DisconnectGuard(receive, send) as guard:
             if body.get("stream") is True:
                 result = await dispatcher.stream(body, raw, headers, request_id, trace)
@@ -101,6 +103,18 @@ def _merge(row: JSONDict, context: int | None, capabilities: dict[str, bool]) ->
         row["context_length"] = context
     for key, value in capabilities.items():
         row["capabilities"][key] = row["capabilities"][key] or value
+
+
+CONTENT_PREVIEW_CHARS = 500
+
+
+def content_preview(messages: list[Any]) -> str:
+    """The last message's text, cut to ``CONTENT_PREVIEW_CHARS`` (content logging only)."""
+    content = messages[-1].get("content") if messages else None
+    if isinstance(content, list):
+        content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    text = "" if content is None else str(content)
+    return text[:CONTENT_PREVIEW_CHARS] + ("..." if len(text) > CONTENT_PREVIEW_CHARS else "")
 
 
 def check_chat(body: JSONDict) -> None:

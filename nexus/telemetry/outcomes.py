@@ -36,6 +36,9 @@ class Trace:
     error_type: str | None = None
     stage_ns: dict[str, int] = field(default_factory=dict)
     exclusions: dict[str, int] = field(default_factory=dict)  # stage -> backends left out
+    # The last message's text, only with [logging] enable_content_logging = true; it goes to
+    # the log line and nowhere else (not to history, metrics or the dashboard).
+    content: str | None = None
 
     def usage(self, usage: Any) -> None:
         if isinstance(usage, dict):

@@ -19,6 +19,7 @@ from .api.middleware import GatewayMiddleware
 from .api.openai import ChatCompletions, Embeddings, Models
 from .backends import Adapters, HTTP1Client, Timeouts
 from .config import Settings
+from .dashboard import dashboard_routes
 from .discovery import Discovery
 from .dispatch import Dispatcher
 from .errors import NO_BACKENDS_HINT
@@ -112,6 +113,7 @@ def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) 
         Route("/v1/backends", BackendList(), methods=["GET"]),
         Route("/admin/backends", AdminBackends(), methods=["POST"]),
         Route("/admin/backends/{name}", AdminBackends(), methods=["DELETE"]),
+        *dashboard_routes(),
     ]
     return Starlette(
         routes=routes,

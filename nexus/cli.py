@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar, cast, get_args
 
 import click
 
-from . import __version__
+from . import __version__, cli_client
+from .cli_client import CliError, NexusClient
 from .config import (
     DEFAULT_CONFIG_PATH,
+    BackendType,
     ConfigError,
     Settings,
     config_path_from_env,
@@ -20,6 +24,9 @@ from .config import (
 )
 
 log = logging.getLogger("nexus.cli")
+P = ParamSpec("P")
+R = TypeVar("R")
+BACKEND_TYPES = list(get_args(BackendType))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -123,3 +130,178 @@ def _load(path: str, overrides: dict[tuple[str, str], Any], require_file: bool =
     except ConfigError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
+
+
+# --- live state: commands that ask a running Nexus --------------------------------------------
+
+
+def live(command: Callable[P, R]) -> Callable[P, R]:
+    """``--url`` and ``-c/--config`` for a command that talks to a running Nexus; a ``CliError``
+    becomes ``Error: ...`` on stderr and exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except CliError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+
+    options = [
+        click.option(
+            "--url",
+            help="Nexus to ask [default: http://HOST:PORT from the config's [server]].",
+        ),
+        click.option(
+            "-c",
+            "--config",
+            "config_path",
+            help="TOML config file, for the address and the admin key [default: nexus.toml].",
+        ),
+    ]
+    decorated: Any = wrapper
+    for option in reversed(options):
+        decorated = option(decorated)
+    return cast(Callable[P, R], decorated)
+
+
+def connect(url: str | None, config_path: str | None) -> NexusClient:
+    """A client for ``url``, else for where ``nexus serve`` with the same config would listen.
+    The admin key named by ``[server] admin_key_env`` is sent when that variable is set."""
+    path = config_path or config_path_from_env() or DEFAULT_CONFIG_PATH
+    server = _load(path, {}).server
+    base = cli_client.check_base_url(url) if url else cli_client.url_of(server)
+    return NexusClient(base, server.admin_key())
+
+
+@main.group()
+def backends() -> None:
+    """List, add or remove the backends of a running Nexus."""
+
+
+@backends.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's JSON.")
+@click.option(
+    "--status",
+    type=click.Choice(["healthy", "unhealthy", "unknown"], case_sensitive=False),
+    help="Only backends in this state.",
+)
+@live
+def backends_list(
+    url: str | None, config_path: str | None, as_json: bool, status: str | None
+) -> None:
+    """Show every backend: type, status, URL, models, load and latency."""
+    answer = connect(url, config_path).get("/v1/backends")
+    rows = [
+        b for b in answer.get("data", []) if status is None or b.get("status") == status.lower()
+    ]
+    if as_json:
+        cli_client.print_json({**answer, "data": rows})
+        return
+    out = cli_client.console()
+    if not rows:
+        out.print("No backends" + (f" are {status.lower()}." if status else " are registered."))
+        return
+    out.print(cli_client.backends_table(rows))
+    for line in cli_client.backend_problems(rows):
+        out.print(line)
+
+
+@backends.command("add")
+@click.argument("backend_url", metavar="URL")
+@click.option("--name", help="Name of the backend [default: the URL's host:port].")
+@click.option(
+    "--type",
+    "type_",
+    type=click.Choice(BACKEND_TYPES, case_sensitive=False),
+    help="Backend type [default: detected: /api/tags answers -> ollama, /v1/models -> generic].",
+)
+@click.option("--priority", type=int, help="Lower is preferred [default: 50].")
+@click.option("--zone", type=click.Choice(["restricted", "open"], case_sensitive=False))
+@click.option("--tier", type=click.IntRange(1, 5), help="Capability tier, 1 to 5 [default: 1].")
+@click.option("--max-concurrent", type=click.IntRange(min=1), help="Requests it takes at once.")
+@live
+def backends_add(
+    url: str | None,
+    config_path: str | None,
+    backend_url: str,
+    name: str | None,
+    type_: str | None,
+    priority: int | None,
+    zone: str | None,
+    tier: int | None,
+    max_concurrent: int | None,
+) -> None:
+    """Add the backend at URL to a running Nexus (until it restarts)."""
+    client = connect(url, config_path)
+    entry, note = cli_client.backend_entry(
+        backend_url,
+        name,
+        type_.lower() if type_ else None,
+        priority=priority,
+        zone=zone.lower() if zone else None,
+        tier=tier,
+        max_concurrent=max_concurrent,
+    )
+    if note:
+        click.echo(f"Note: {note}", err=True)
+    view = client.add_backend(entry)
+    state = str(view.get("status", "unknown"))
+    models = len(view.get("models") or ())
+    detail = f", {models} model(s)" if state == "healthy" else ""
+    if state != "healthy" and view.get("last_error"):
+        detail = f" ({view['last_error']})"
+    added = f"'{view.get('name')}' ({view.get('type')}) at {view.get('url')}"
+    click.echo(f"Added backend {added}: {state}{detail}")
+
+
+@backends.command("remove")
+@click.argument("name")
+@live
+def backends_remove(url: str | None, config_path: str | None, name: str) -> None:
+    """Remove the backend NAME from a running Nexus."""
+    connect(url, config_path).remove_backend(name)
+    click.echo(f"Removed backend '{name}'.")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the server's JSON.")
+@live
+def models(url: str | None, config_path: str | None, as_json: bool) -> None:
+    """Show the models served by healthy backends."""
+    answer = connect(url, config_path).get("/v1/models")
+    if as_json:
+        cli_client.print_json(answer)
+        return
+    rows = answer.get("data", [])
+    out = cli_client.console()
+    if not rows:
+        out.print("No models: no healthy backend lists one.")
+        return
+    out.print(cli_client.models_table(rows))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the server's JSON.")
+@live
+def health(url: str | None, config_path: str | None, as_json: bool) -> None:
+    """Show the health of a running Nexus."""
+    answer = connect(url, config_path).get("/health")
+    if as_json:
+        cli_client.print_json(answer)
+        return
+    cli_client.console().print(cli_client.health_table(answer))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the server's JSON.")
+@live
+def stats(url: str | None, config_path: str | None, as_json: bool) -> None:
+    """Show request totals, per backend and per model."""
+    answer = connect(url, config_path).get("/v1/stats")
+    if as_json:
+        cli_client.print_json(answer)
+        return
+    out = cli_client.console()
+    for table in cli_client.stats_tables(answer):
+        out.print(table)

@@ -213,6 +213,7 @@ class Dispatcher:
         last: UpstreamError | None = None
         for index, step in enumerate(plan.steps[: self.max_retries + 1]):
             trace.attempts = index + 1
+            trace.backend = step.backend.name  # a failure is counted against who failed
             adapter = self.adapters.for_type(step.backend.type)
             if adapter is None:
                 continue

@@ -32,7 +32,7 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.known_model, self.fleet)
-        self.stats = Stats()
+        self.stats = Stats(self.known_model)
         self.history = History(self.settings.history.max_entries)
         self.telemetry = Telemetry([self.metrics, self.stats, self.history])
 

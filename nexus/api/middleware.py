@@ -62,7 +62,7 @@ class GatewayMiddleware:
         except ClientGone:
             trace.error_type = "client_gone"
         except NexusError as exc:
-            trace.error_type = exc.code or type(exc).__name__
+            trace.error_type = str(exc.envelope()["error"].get("code") or type(exc).__name__)
             await send_json(send_with_id, exc.status_code, exc.body(), _encode(exc.headers()))
         seconds = time.perf_counter() - began
         status = start[0]["status"] if start else 499

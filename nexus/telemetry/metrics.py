@@ -83,7 +83,7 @@ class Metrics:
             if o.fallback_model:
                 to = o.fallback_model if self._known_model(o.fallback_model) else "other"
                 self.fallbacks.labels(model, to).inc()
-            if o.backend is not None:
+            if o.backend is not None and o.ok:  # timings of answers, not of failures
                 self.duration.labels(model, backend).observe(o.duration_ms / 1000)
                 if o.ttft_ms is not None:
                     self.ttft.labels(model, backend).observe(o.ttft_ms / 1000)

@@ -4,6 +4,7 @@ and latency and time-to-first-token percentiles over the most recent requests.""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,11 @@ class Tally:
 
 
 class Stats:
-    def __init__(self) -> None:
+    """Per-model rows only for models Nexus knows; the rest are pooled as ``other`` so that a
+    client inventing names cannot grow them."""
+
+    def __init__(self, known_model: Callable[[str], bool] = lambda _: True) -> None:
+        self._known_model = known_model
         self.total = Tally()
         self.backends: dict[str, Tally] = {}
         self.models: dict[str, Tally] = {}
@@ -57,7 +62,8 @@ class Stats:
             if outcome.backend is not None:
                 self.backends.setdefault(outcome.backend, Tally()).add(outcome)
             if outcome.model:
-                self.models.setdefault(outcome.model, Tally()).add(outcome)
+                model = outcome.model if self._known_model(outcome.model) else "other"
+                self.models.setdefault(model, Tally()).add(outcome)
 
 
 def percentiles(samples: deque[float]) -> dict[str, float | None]:

@@ -83,19 +83,23 @@ class Metrics:
             if o.fallback_model:
                 to = o.fallback_model if self._known_model(o.fallback_model) else "other"
                 self.fallbacks.labels(model, to).inc()
-            if o.backend is not None and o.ok:  # timings of answers, not of failures
-                self.duration.labels(model, backend).observe(o.duration_ms / 1000)
-                if o.ttft_ms is not None:
-                    self.ttft.labels(model, backend).observe(o.ttft_ms / 1000)
-                if o.prompt_tokens:
-                    self.tokens.labels(model, backend, "prompt").inc(o.prompt_tokens)
-                if o.completion_tokens:
-                    self.tokens.labels(model, backend, "completion").inc(o.completion_tokens)
-                self.overhead.observe(max(0.0, o.duration_ms - o.upstream_ms) / 1000)
+            if o.backend is not None:
+                self._backend_metrics(o, model, backend)
             for stage, ns in o.stage_ns.items():
                 self.stage.labels(stage).observe(ns / 1e9)
             for stage, count in o.exclusions.items():
                 self.exclusions.labels(stage).inc(count)
+
+    def _backend_metrics(self, o: Outcome, model: str, backend: str) -> None:
+        if o.ok:  # the whole answer's timings; a failure's duration means little
+            self.duration.labels(model, backend).observe(o.duration_ms / 1000)
+            self.overhead.observe(max(0.0, o.duration_ms - o.upstream_ms) / 1000)
+        if o.ttft_ms is not None:  # a first token did come, even if the stream broke later
+            self.ttft.labels(model, backend).observe(o.ttft_ms / 1000)
+        if o.prompt_tokens:
+            self.tokens.labels(model, backend, "prompt").inc(o.prompt_tokens)
+        if o.completion_tokens:
+            self.tokens.labels(model, backend, "completion").inc(o.completion_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -121,7 +121,7 @@ def test_priority_changes_the_smart_order():
 
 
 def test_configured_priority_reaches_the_plan():
-    from nexus.app import backend_from  # the config -> Backend path the gateway uses
+    from nexus.gateway import backend_from  # the config -> Backend path the gateway uses
 
     def configured(name, priority):
         spec = BackendSettings(name=name, url=f"http://{name}:1", type="vllm", priority=priority)

@@ -1,4 +1,5 @@
-"""The ``nexus`` command: parse flags -> Settings -> run. Nothing else lives here."""
+"""The ``nexus`` command: parse flags -> Settings -> run, and the commands that ask a running
+Nexus about its state (their HTTP calls and tables are in ``cli_client``)."""
 
 from __future__ import annotations
 

@@ -70,11 +70,18 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Nexus never redirects; following one would carry the admin key to another place."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 def _opener(url: str) -> urllib.request.OpenerDirector:
     # Proxies from the environment apply, except to this machine: a proxy cannot reach our
     # loopback, and an unset no_proxy would otherwise send local calls to it.
     proxies = urllib.request.ProxyHandler({} if _is_loopback(url) else None)
-    return urllib.request.build_opener(proxies)
+    return urllib.request.build_opener(proxies, _NoRedirects)
 
 
 # --- talking to it ------------------------------------------------------------------------------
@@ -132,7 +139,7 @@ class NexusClient:
             data = json.loads(raw) if raw else None
         except ValueError:
             data = None
-        if status < 400:
+        if status < 300:
             if not isinstance(data, dict):
                 raise CliError(
                     f"{self.base_url}{path} answered HTTP {status} without a JSON object; "
@@ -141,7 +148,7 @@ class NexusClient:
             return data
         error = data.get("error") if isinstance(data, dict) else None
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            raise CliError(f"Nexus refused {method} {path} (HTTP {status}): {error['message']}")
+            raise CliError(f"{error['message']} (HTTP {status} for {method} {path})")
         raise CliError(
             f"{self.base_url}{path} answered HTTP {status} for {method}; is this a Nexus? "
             "Use --url to point elsewhere."

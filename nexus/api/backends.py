@@ -5,6 +5,7 @@ through ``/admin/backends``, which answers only on loopback unless an admin key 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -15,8 +16,6 @@ from ..gateway import Gateway, backend_from
 from ..registry import Backend
 from .http import dumps, parse_object, read_body, send_json
 from .openai import gateway_of
-
-LOOPBACK = ("127.", "::1", "localhost")
 
 
 def backend_view(gateway: Gateway, backend: Backend) -> dict[str, Any]:
@@ -90,10 +89,21 @@ def _spec(body: dict[str, Any]) -> BackendSettings:
         raise InvalidRequest(str(exc).replace("backend: invalid configuration\n  ", "")) from None
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
 def authorize(scope: Scope, key: str | None) -> None:
     if key is None:
         client = (scope.get("client") or ("", 0))[0] or ""
-        if not client.startswith(LOOPBACK):
+        if not is_loopback(client):
             raise Forbidden(
                 "The admin API answers only on loopback; set [server] admin_key_env to use it "
                 "from elsewhere"
@@ -102,6 +112,7 @@ def authorize(scope: Scope, key: str | None) -> None:
     sent = ""
     for name, value in scope["headers"]:
         if name == b"authorization":
-            sent = value.decode("latin-1").removeprefix("Bearer ").strip()
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            sent = token.strip() if scheme.lower() == "bearer" else ""
     if not hmac.compare_digest(sent.encode(), key.encode()):
         raise Unauthorized("Missing or wrong admin key (send it as Authorization: Bearer <key>)")

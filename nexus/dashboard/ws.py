@@ -54,8 +54,8 @@ log = logging.getLogger("nexus.dashboard")
 
 STATIC_DIR = Path(__file__).parent / "static"
 TICK_SECONDS = 1.0  # how often stats are sent and the backends' views compared
-SEND_QUEUE_LIMIT = 1000  # messages waiting for one client; past that it is dropped
-CLOSE_TIMEOUT = 5.0  # seconds to get the close frame out to a dropped client
+SEND_QUEUE_LIMIT = 2048  # messages waiting for one client (a burst of requests ends at once)
+CLOSE_TIMEOUT = 10.0  # seconds to get the close frame out to a dropped client
 HISTORY_IN_SNAPSHOT = 200  # the last requests, for the page's feed
 SERIES_SECONDS = 300  # the charts' window: the snapshot carries per-second totals over it
 SERIES_SCAN = 5000  # history entries looked at to build those totals
@@ -84,8 +84,8 @@ def dashboard_routes() -> list[BaseRoute]:
     """``/``, ``/dashboard/{name}`` and ``/ws``; one hub per call, so one per app."""
     files = StaticFiles.load(STATIC_DIR)
     return [
-        Route("/", files.page, methods=["GET", "HEAD"]),
-        Route("/dashboard/{name}", files.asset, methods=["GET", "HEAD"]),
+        Route("/", Page(files), methods=["GET", "HEAD"]),
+        Route("/dashboard/{name}", AssetFile(files), methods=["GET", "HEAD"]),
         WebSocketRoute("/ws", LiveFeed()),
     ]
 
@@ -128,14 +128,28 @@ class StaticFiles:
             html = html.replace(f'"dashboard/{name}"', f'"dashboard/{name}?v={asset.version}"')
         return cls(Asset.of(html.encode(), page.content_type), assets)
 
-    async def page(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.index is None:
-            raise NotFound("The dashboard is not installed (its static files are missing)")
-        await _send_asset(scope, send, self.index, REVALIDATE)
 
-    async def asset(self, scope: Scope, receive: Receive, send: Send) -> None:
+class Page:
+    """``GET /``: the page; revalidated on every load, so a new release shows at once."""
+
+    def __init__(self, files: StaticFiles) -> None:
+        self.files = files
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.files.index is None:
+            raise NotFound("The dashboard is not installed (its static files are missing)")
+        await _send_asset(scope, send, self.files.index, REVALIDATE)
+
+
+class AssetFile:
+    """``GET /dashboard/{name}``: cached for good when asked for by its current version."""
+
+    def __init__(self, files: StaticFiles) -> None:
+        self.files = files
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         name = scope["path_params"]["name"]
-        asset = self.assets.get(name)
+        asset = self.files.assets.get(name)
         if asset is None:
             raise NotFound(f"No dashboard file named '{name}'")
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))

@@ -342,8 +342,8 @@
       "tr",
       { data: { requestId: o.request_id } },
       el("td", { className: "mono", text: fmtClock(o.time) }),
-      el("td", { className: "model mono", text: model }),
-      el("td", { className: "backend-name", text: o.backend || "–" }),
+      el("td", { className: "model" }, el("div", { className: "mono", text: model }), el("div", { className: "via", text: o.backend ? `via ${o.backend}` : "" })),
+      el("td", { className: "backend-name wide", text: o.backend || "–" }),
       el("td", null, el("span", { className: `code ${ok ? "ok" : "err"}`, text: o.status }), o.error_type && o.error_type !== `http_${o.status}` ? el("div", { className: "reason", text: o.error_type }) : null),
       el("td", { className: "num", text: fmtMs(o.duration_ms) }),
       el("td", { className: "num opt", text: fmtMs(o.ttft_ms) }),
@@ -386,10 +386,12 @@
     return palette;
   }
 
+  const axisNumber = (v) => (Number.isInteger(v) ? String(v) : String(Number(v.toFixed(2))));
+
   function niceCeil(v) {
     if (!(v > 0)) return 1;
     const p = 10 ** Math.floor(Math.log10(v));
-    for (const m of [1, 2, 2.5, 5, 10]) if (v <= m * p) return m * p;
+    for (const m of [1, 2, 4, 5, 10]) if (v <= m * p) return m * p;
     return 10 * p;
   }
 
@@ -446,7 +448,7 @@
     let top = 0;
     for (let ago = 1; ago <= WINDOW; ago++) top = Math.max(top, (state.buckets.get(now - ago) || { n: 0 }).n);
     const yMax = niceCeil(top);
-    const { x, y } = frameChart(s, yMax, (v) => (v >= 10 || v === 0 ? String(Math.round(v)) : v.toFixed(1)));
+    const { x, y } = frameChart(s, yMax, axisNumber);
     const bar = Math.max(1, x(0) - x(1) - 0.5);
     for (let ago = 1; ago <= WINDOW; ago++) {
       const b = state.buckets.get(now - ago);
@@ -489,7 +491,7 @@
       if (b && b.ok) top = Math.max(top, b.max);
     }
     const yMax = niceCeil(top);
-    const { x, y } = frameChart(s, yMax, (v) => fmtMs(v).replace(" ms", "").replace(" s", "s"));
+    const { x, y } = frameChart(s, yMax, (v) => (v >= 1000 ? `${axisNumber(v / 1000)}s` : axisNumber(v)));
     const mean = [];
     const max = [];
     for (let ago = WINDOW; ago >= 1; ago--) {
@@ -517,7 +519,7 @@
     let top = 0;
     for (const p of samples) top = Math.max(top, p.inFlight, p.queue);
     const yMax = niceCeil(Math.max(top, 1));
-    const { x, y } = frameChart(s, yMax, (v) => (Number.isInteger(v) ? String(v) : v.toFixed(1)));
+    const { x, y } = frameChart(s, yMax, axisNumber);
     const steps = (key) => {
       const points = [];
       samples.forEach((p, i) => {

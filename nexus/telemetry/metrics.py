@@ -7,11 +7,18 @@ backend labels are backend names.
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from .outcomes import Outcome
@@ -32,74 +39,131 @@ class FleetView:
     queue_depth: int
 
 
-class Metrics:
+class _Counter:
+    """A counter family kept as plain numbers: the event loop is its only writer and reader,
+    so it needs none of prometheus_client's locks (which cost more than the rest of a record)."""
+
+    def __init__(self, name: str, documentation: str, labels: list[str]) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
+        self.values[key] = self.values.get(key, 0.0) + amount
+
+    def collect(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for key, value in self.values.items():
+            family.add_metric(list(key), value)
+        return family
+
+
+class _Histogram:
+    """A histogram family kept as plain bucket counts (see ``_Counter``)."""
+
+    def __init__(
+        self, name: str, documentation: str, labels: list[str], buckets: tuple[float, ...]
+    ) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.bounds = sorted(buckets)
+        self.data: dict[tuple[str, ...], list[float]] = {}  # per-bucket counts, +Inf, sum
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        data = self.data.get(key)
+        if data is None:
+            data = self.data[key] = [0.0] * (len(self.bounds) + 2)
+        data[bisect.bisect_left(self.bounds, value)] += 1
+        data[-1] += value
+
+    def collect(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for key, data in self.data.items():
+            buckets, running = [], 0.0
+            for bound, count in zip([*self.bounds, math.inf], data[:-1], strict=True):
+                running += count
+                buckets.append((_le(bound), running))
+            family.add_metric(list(key), buckets, sum_value=data[-1])
+        return family
+
+
+class Metrics(Collector):
     def __init__(self, known_model: Callable[[str], bool], fleet: Callable[[], FleetView]) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry(auto_describe=False)
         self._known_model = known_model
-        r = self.registry
-        self.requests = Counter(
-            "nexus_requests", "Requests by model, backend and status",
-            ["model", "backend", "status"], registry=r,
-        )  # fmt: skip
-        self.errors = Counter(
-            "nexus_errors", "Failed requests by error type", ["error_type", "model"], registry=r
+        self.requests = _Counter(
+            "nexus_requests",
+            "Requests by model, backend and status",
+            ["model", "backend", "status"],
         )
-        self.fallbacks = Counter(
-            "nexus_fallbacks", "Requests served by a fallback model",
-            ["from_model", "to_model"], registry=r,
-        )  # fmt: skip
-        self.duration = Histogram(
+        self.errors = _Counter(
+            "nexus_errors", "Failed requests by error type", ["error_type", "model"]
+        )
+        self.fallbacks = _Counter(
+            "nexus_fallbacks", "Requests served by a fallback model", ["from_model", "to_model"]
+        )
+        self.duration = _Histogram(
             "nexus_request_duration_seconds", "Whole request, streams included",
-            ["model", "backend"], buckets=DURATION_BUCKETS, registry=r,
+            ["model", "backend"], DURATION_BUCKETS,
         )  # fmt: skip
-        self.ttft = Histogram(
+        self.ttft = _Histogram(
             "nexus_time_to_first_token_seconds", "Time to the first streamed event",
-            ["model", "backend"], buckets=DURATION_BUCKETS, registry=r,
+            ["model", "backend"], DURATION_BUCKETS,
         )  # fmt: skip
-        self.tokens = Counter(
-            "nexus_tokens", "Tokens reported by backends", ["model", "backend", "type"], registry=r
+        self.tokens = _Counter(
+            "nexus_tokens", "Tokens reported by backends", ["model", "backend", "type"]
         )
-        self.overhead = Histogram(
+        self.overhead = _Histogram(
             "nexus_overhead_seconds", "Time Nexus itself added to a request (not upstream)",
-            buckets=OVERHEAD_BUCKETS, registry=r,
+            [], OVERHEAD_BUCKETS,
         )  # fmt: skip
-        self.stage = Histogram(
+        self.stage = _Histogram(
             "nexus_reconciler_duration_seconds", "Planner stage time per request",
-            ["reconciler"], buckets=STAGE_BUCKETS, registry=r,
+            ["reconciler"], STAGE_BUCKETS,
         )  # fmt: skip
-        self.exclusions = Counter(
-            "nexus_reconciler_exclusions", "Backends a planner stage left out", ["reconciler"],
-            registry=r,
-        )  # fmt: skip
-        r.register(_FleetCollector(fleet))
+        self.exclusions = _Counter(
+            "nexus_reconciler_exclusions", "Backends a planner stage left out", ["reconciler"]
+        )
+        self._families: list[_Counter | _Histogram] = [
+            self.requests, self.errors, self.fallbacks, self.duration, self.ttft, self.tokens,
+            self.overhead, self.stage, self.exclusions,
+        ]  # fmt: skip
+        self.registry.register(self)
+        self.registry.register(_FleetCollector(fleet))
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._families:
+            yield family.collect()
+
+    def describe(self) -> Iterable[Metric]:
+        return []
 
     def __call__(self, batch: list[Outcome]) -> None:
         for o in batch:
             model = o.model if self._known_model(o.model) else "other"
             backend = o.backend or "none"
-            self.requests.labels(model, backend, str(o.status)).inc()
+            self.requests.inc((model, backend, str(o.status)))
             if not o.ok:
-                self.errors.labels(o.error_type or f"http_{o.status}", model).inc()
+                self.errors.inc((o.error_type or f"http_{o.status}", model))
             if o.fallback_model:
                 to = o.fallback_model if self._known_model(o.fallback_model) else "other"
-                self.fallbacks.labels(model, to).inc()
+                self.fallbacks.inc((model, to))
             if o.backend is not None:
                 self._backend_metrics(o, model, backend)
             for stage, ns in o.stage_ns.items():
-                self.stage.labels(stage).observe(ns / 1e9)
+                self.stage.observe((stage,), ns / 1e9)
             for stage, count in o.exclusions.items():
-                self.exclusions.labels(stage).inc(count)
+                self.exclusions.inc((stage,), count)
 
     def _backend_metrics(self, o: Outcome, model: str, backend: str) -> None:
+        key = (model, backend)
         if o.ok:  # the whole answer's timings; a failure's duration means little
-            self.duration.labels(model, backend).observe(o.duration_ms / 1000)
-            self.overhead.observe(max(0.0, o.duration_ms - o.upstream_ms) / 1000)
+            self.duration.observe(key, o.duration_ms / 1000)
+            self.overhead.observe((), max(0.0, o.duration_ms - o.upstream_ms) / 1000)
         if o.ttft_ms is not None:  # a first token did come, even if the stream broke later
-            self.ttft.labels(model, backend).observe(o.ttft_ms / 1000)
+            self.ttft.observe(key, o.ttft_ms / 1000)
         if o.prompt_tokens:
-            self.tokens.labels(model, backend, "prompt").inc(o.prompt_tokens)
+            self.tokens.inc((model, backend, "prompt"), o.prompt_tokens)
         if o.completion_tokens:
-            self.tokens.labels(model, backend, "completion").inc(o.completion_tokens)
+            self.tokens.inc((model, backend, "completion"), o.completion_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -124,6 +188,11 @@ class _FleetCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         return []
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as Prometheus writes it (``+Inf``, ``0.5``, ``1.0``)."""
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

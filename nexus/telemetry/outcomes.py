@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-DRAIN_DELAY = 0.05  # seconds an outcome may wait so that several are consumed together
+DRAIN_DELAY = 0.02  # seconds an outcome may wait so that several are consumed together
 
 
 @dataclass(slots=True)

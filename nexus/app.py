@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
@@ -33,7 +32,9 @@ from .routing.planner import Router
 log = logging.getLogger("nexus.app")
 
 
-def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) -> Starlette:
+def create_app(
+    settings: Settings, *, environ: Mapping[str, str] | None = None
+) -> GatewayMiddleware:
     specs = settings.backends or embedded_default(settings.embedded.enabled)
     registry = Registry(backend_from(spec, environ) for spec in specs)
 
@@ -115,12 +116,8 @@ def create_app(settings: Settings, *, environ: Mapping[str, str] | None = None) 
         Route("/admin/backends/{name}", AdminBackends(), methods=["DELETE"]),
         *dashboard_routes(),
     ]
-    return Starlette(
-        routes=routes,
-        middleware=[Middleware(GatewayMiddleware, hot_routes=hot_routes)],
-        exception_handlers=HANDLERS,
-        lifespan=lifespan,
-    )
+    starlette = Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=lifespan)
+    return GatewayMiddleware(starlette, hot_routes)
 
 
 def timeouts_of(settings: Settings) -> Timeouts:

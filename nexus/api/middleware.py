@@ -1,8 +1,9 @@
-"""Pure ASGI middleware: the request id, and a short path to the hot endpoints.
+"""The outermost ASGI layer: the request id, and a short path to the hot endpoints.
 
 Every answer carries ``X-Request-Id`` (the client's when it sent a sane one, else a new one). The
-POST endpoints that carry inference traffic are called directly from here, skipping the generic
-router and exception middleware; their errors are rendered by the same envelope code.
+POST endpoints that carry inference traffic are called directly from here, in front of the
+Starlette app (its error middleware, router and exception middleware cost more than the handler's
+own work); their errors are rendered by the same envelope code. Everything else goes to Starlette.
 """
 
 from __future__ import annotations
@@ -13,22 +14,34 @@ import re
 import time
 from collections.abc import Mapping
 
+from starlette.applications import Starlette
+from starlette.datastructures import State
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import NexusError
+from ..errors import InternalError, NexusError
 from ..telemetry.outcomes import Outcome, Trace, outcome_of
 from .http import ClientGone, send_json
 
 REQUEST_ID_KEY = "nexus.request_id"
 TRACE_KEY = "nexus.trace"
 access_log = logging.getLogger("nexus.access")
+log = logging.getLogger("nexus.api")
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, hot_routes: Mapping[str, ASGIApp]) -> None:
+    def __init__(self, app: Starlette, hot_routes: Mapping[str, ASGIApp]) -> None:
         self.app = app
         self.hot_routes = dict(hot_routes)  # path -> handler, for POST
+
+    @property
+    def state(self) -> State:
+        return self.app.state
+
+    @property
+    def routes(self) -> list[BaseRoute]:
+        return self.app.routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -57,6 +70,7 @@ class GatewayMiddleware:
             return
         began = time.perf_counter()
         trace = scope[TRACE_KEY] = Trace()
+        scope["app"] = self.app  # handlers reach the gateway through it, as under Starlette
         try:
             await handler(scope, receive, send_with_id)
         except ClientGone:
@@ -64,6 +78,12 @@ class GatewayMiddleware:
         except NexusError as exc:
             trace.error_type = str(exc.envelope()["error"].get("code") or type(exc).__name__)
             await send_json(send_with_id, exc.status_code, exc.body(), _encode(exc.headers()))
+        except Exception:  # a bug: say so in the log, answer with an envelope if still possible
+            log.exception("unexpected error on POST %s", scope["path"])
+            trace.error_type = "internal_error"
+            if not start:
+                error = InternalError("Internal error in Nexus; the log has the details")
+                await send_json(send_with_id, 500, error.body())
         seconds = time.perf_counter() - began
         status = start[0]["status"] if start else 499
         outcome = outcome_of(trace, scope[REQUEST_ID_KEY], status, seconds * 1000)

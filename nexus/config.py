@@ -50,10 +50,7 @@ class ServerSettings(_Section):
     admin_key_env: str | None = None
 
     def admin_key(self, environ: Mapping[str, str] | None = None) -> str | None:
-        if not self.admin_key_env:
-            return None
-        env = os.environ if environ is None else environ
-        return env.get(self.admin_key_env) or None
+        return secret(self.admin_key_env, environ)
 
 
 class DiscoverySettings(_Section):
@@ -209,10 +206,7 @@ class BackendSettings(_Section):
 
     def api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
         """The key named by ``api_key_env``, read from the environment (None when unset)."""
-        if not self.api_key_env:
-            return None
-        env = os.environ if environ is None else environ
-        return env.get(self.api_key_env) or None
+        return secret(self.api_key_env, environ)
 
     @property
     def effective_zone(self) -> str:
@@ -253,6 +247,14 @@ class Settings(_Section):
                 )
             seen.add(backend.name)
         return self
+
+
+def secret(variable: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The value of the environment variable a setting names (secrets never live in the file)."""
+    if not variable:
+        return None
+    env = os.environ if environ is None else environ
+    return env.get(variable) or None
 
 
 def cache_dir(environ: Mapping[str, str] | None = None) -> Path:

@@ -116,6 +116,7 @@ class Dispatcher:
         """A whole (non-streaming) answer from the first step of the plan that gives one."""
         request = self.route_request(kind, body, client)
         trace = trace or Trace()
+        trace.kind = kind
 
         async def attempt(adapter: Adapter, step: Step, call: Call) -> Completion:
             started = self.clock()

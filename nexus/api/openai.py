@@ -32,11 +32,12 @@ class ChatCompletions:
         raw = await read_body(scope, receive)
         body = parse_object(raw)
         check_chat(body)
-        dispatcher = gateway_of(scope).dispatcher
+        gateway = gateway_of(scope)
+        dispatcher = gateway.dispatcher
         headers = client_headers(scope)
         request_id: str = scope[REQUEST_ID_KEY]
         trace = trace_of(scope)
-        if gateway_of(scope).settings.logging.enable_content_logging:
+        if gateway.settings.logging.enable_content_logging:
             trace.content = content_preview(body["messages"])
         async with DisconnectGuard(receive, send) as guard:
             if body.get("stream") is True:
@@ -58,7 +59,6 @@ class Embeddings:
         check_embeddings(body)
         dispatcher = gateway_of(scope).dispatcher
         trace = trace_of(scope)
-        trace.kind = "embeddings"
         async with DisconnectGuard(receive, send) as guard:
             completion, served = await dispatcher.complete(
                 "embeddings", body, raw, client_headers(scope), scope[REQUEST_ID_KEY], trace

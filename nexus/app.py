@@ -14,6 +14,7 @@ from starlette.types import ASGIApp
 from .api.admin import Health, History, Live, Metrics, Ready, Stats
 from .api.backends import AdminBackends, BackendList
 from .api.errors import HANDLERS
+from .api.guard import Guard
 from .api.middleware import GatewayMiddleware
 from .api.openai import ChatCompletions, Embeddings, Models
 from .backends import Adapters, HTTP1Client, Timeouts
@@ -35,6 +36,7 @@ log = logging.getLogger("nexus.app")
 def create_app(
     settings: Settings, *, environ: Mapping[str, str] | None = None
 ) -> GatewayMiddleware:
+    settings.server.require_admin_key(environ)
     specs = settings.backends or embedded_default(settings.embedded.enabled)
     registry = Registry(backend_from(spec, environ) for spec in specs)
 
@@ -44,7 +46,10 @@ def create_app(
             # Idle upstream connections are dropped after 4 s, before servers built on uvicorn
             # (vLLM among them: 5 s) would close them under a request.
             client = HTTP1Client(
-                keepalive_seconds=4, connect_timeout=settings.server.connect_timeout_seconds
+                keepalive_seconds=4,
+                connect_timeout=settings.server.connect_timeout_seconds,
+                max_connections=settings.server.max_concurrent_requests,
+                max_response_bytes=settings.server.max_response_bytes,
             )
             stack.push_async_callback(client.aclose)
             adapters = Adapters(client, timeouts_of(settings))
@@ -59,6 +64,8 @@ def create_app(
                 max_wait_seconds=queue.max_wait_seconds,
                 max_retries=settings.routing.max_retries,
             )
+            # Capacity back through health (recovery, discovery, the admin API) wakes the queue.
+            health.on_capacity = dispatcher.capacity_returned
             app.state.gateway = Gateway(settings, registry, health, dispatcher)
             for backend in registry:
                 if backend.unavailable:
@@ -117,7 +124,7 @@ def create_app(
         *dashboard_routes(),
     ]
     starlette = Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=lifespan)
-    return GatewayMiddleware(starlette, hot_routes)
+    return GatewayMiddleware(starlette, hot_routes, Guard.of(settings.server))
 
 
 def timeouts_of(settings: Settings) -> Timeouts:

@@ -66,6 +66,11 @@ def serve(
     }
     path = config_path or config_path_from_env() or DEFAULT_CONFIG_PATH
     settings = _load(path, overrides)
+    try:
+        settings.server.require_admin_key()
+    except ConfigError as exc:
+        click.echo(f"Error: {path}: {exc}", err=True)
+        sys.exit(1)
     run(settings, path)
 
 

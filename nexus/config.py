@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,7 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MAX_ALIAS_HOPS = 3
 LOCAL_TYPES = frozenset({"ollama", "vllm", "llamacpp", "lmstudio", "exo", "generic"})
@@ -37,20 +47,46 @@ class _Section(BaseModel):
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
-    # Upper bound for a non-streaming upstream call and for the first byte of a stream.
+    # Upper bound for a non-streaming upstream call and for a stream's first event.
     request_timeout_seconds: Annotated[float, Field(gt=0)] = 300
     # A stream may be silent for at most this long between two events (idle, not total).
     stream_idle_timeout_seconds: Annotated[float, Field(gt=0)] = 120
     connect_timeout_seconds: Annotated[float, Field(gt=0)] = 5
     # How long in-flight requests may take to finish after SIGINT/SIGTERM.
     shutdown_timeout_seconds: Annotated[float, Field(ge=0)] = 10
+    # Client connections open at once; past it a new one gets a 503 and is closed (ours).
+    max_connections: Annotated[int, Field(ge=1)] = 1024
+    # The whole request head, and the whole body, must arrive within these (408 past them;
+    # not reset by each byte that trickles in) (ours).
+    header_timeout_seconds: Annotated[float, Field(gt=0)] = 10
+    body_timeout_seconds: Annotated[float, Field(gt=0)] = 60
+    # Upstream connections open at once, over all backends (idle pooled ones included).
     max_concurrent_requests: Annotated[int, Field(ge=1)] = 1000
+    # The largest upstream answer taken: a whole body, or a whole stream (ours).
+    max_response_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
     # The admin API (adding and removing backends) answers only on loopback, unless a key is
     # configured: then it answers anyone who sends it as a bearer token (ours).
     admin_key_env: str | None = None
+    # Host names (without port) accepted besides localhost, 127.0.0.1, ::1 and ``host``; any
+    # other Host is refused, so a DNS-rebinding page cannot read Nexus. "*" accepts any (ours).
+    allowed_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        return [host_name(entry) for entry in value]
 
     def admin_key(self, environ: Mapping[str, str] | None = None) -> str | None:
         return secret(self.admin_key_env, environ)
+
+    def require_admin_key(self, environ: Mapping[str, str] | None = None) -> None:
+        """A configured admin key that is missing must stop start-up: serving on would leave
+        the admin API open on loopback, which the configuration asked to close."""
+        if self.admin_key_env and self.admin_key(environ) is None:
+            raise ConfigError(
+                f"server.admin_key_env: the environment variable {self.admin_key_env} is not set "
+                "(or empty); set it to the admin key, or remove admin_key_env"
+            )
 
 
 class DiscoverySettings(_Section):
@@ -123,16 +159,25 @@ class RoutingSettings(_Section):
         return self
 
 
+def _lowered(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+LogLevel = Annotated[
+    Literal["trace", "debug", "info", "warn", "warning", "error"], BeforeValidator(_lowered)
+]
+
+
 class LoggingSettings(_Section):
-    level: Literal["trace", "debug", "info", "warn", "warning", "error"] = "info"
+    level: LogLevel = "info"
     format: Literal["pretty", "json"] = "pretty"
-    component_levels: dict[str, str] = Field(default_factory=dict)
+    component_levels: dict[str, LogLevel] = Field(default_factory=dict)
     enable_content_logging: bool = False
 
-    @field_validator("level", "format", mode="before")
+    @field_validator("format", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
+        return _lowered(value)
 
 
 class QualitySettings(_Section):
@@ -172,8 +217,24 @@ class ManagedSettings(_Section):
         return self.alias or Path(self.model).name.removesuffix(".gguf")
 
 
+# A backend's name goes into response headers (X-Nexus-Backend), metric labels, logs and the
+# admin API's path: letters, digits, ``. _ : -`` and inner spaces (mDNS instance names), <= 64.
+BACKEND_NAME_MAX = 64
+URL_MAX = 2048
+BACKEND_NAME = re.compile(r"[A-Za-z0-9._:-](?:[A-Za-z0-9 ._:-]{0,62}[A-Za-z0-9._:-])?")
+
+
+def check_backend_name(value: str) -> str:
+    if not BACKEND_NAME.fullmatch(value):
+        raise ValueError(
+            f"a backend name is 1 to {BACKEND_NAME_MAX} ASCII letters, digits, '.', '_', ':', "
+            "'-' or inner spaces"
+        )
+    return value
+
+
 class BackendSettings(_Section):
-    name: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, AfterValidator(check_backend_name)]
     url: str | None = None  # required unless the backend is managed
     type: BackendType
     managed: ManagedSettings | None = None
@@ -191,6 +252,8 @@ class BackendSettings(_Section):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and len(value) > URL_MAX:  # admin-added ones too: keep it bounded
+            raise ValueError(f"a backend URL has at most {URL_MAX} characters")
         return None if value is None else normalise_url(value)
 
     @model_validator(mode="after")
@@ -237,6 +300,14 @@ class Settings(_Section):
     history: HistorySettings = Field(default_factory=HistorySettings)
     backends: list[BackendSettings] = Field(default_factory=list)
 
+    def key_variables(self) -> set[str]:
+        """The environment variables this configuration names for keys: the only ones a backend
+        added through the admin API may read."""
+        names = {b.api_key_env for b in self.backends if b.api_key_env}
+        if self.server.admin_key_env:
+            names.add(self.server.admin_key_env)
+        return names
+
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
         seen: set[str] = set()
@@ -265,6 +336,19 @@ def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
         return Path(env["NEXUS_CACHE_DIR"])
     base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "nexus"
+
+
+def host_name(value: str) -> str:
+    """An ``allowed_hosts`` entry as it is compared: lower case, IPv6 without brackets."""
+    name = value.strip().lower()
+    if name == "*":
+        return name
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    name = name.removesuffix(".")  # "nexus.lan." is the same name
+    if not name or any(c in name for c in "/@ \t[]") or (name.count(":") == 1):
+        raise ValueError(f"'{value}' is not a host name or address (give it without a port)")
+    return name
 
 
 def normalise_url(value: str) -> str:
@@ -414,8 +498,18 @@ def _describe(err: Mapping[str, Any], data: Mapping[str, Any], sources: Mapping[
         return f"{key}: required key is missing"
     message = str(err["msg"]).removeprefix("Value error, ")
     value = err.get("input")
-    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict | list) else ""
+    shown = (
+        f" (got {_short(value)})"
+        if value is not None and not isinstance(value, dict | list)
+        else ""
+    )
     return f"{key}{where}: {message}{shown}"
+
+
+def _short(value: Any, limit: int = 100) -> str:
+    """A value for an error message, cut: the admin API echoes these to clients."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _dotted(loc: tuple[Any, ...], data: Mapping[str, Any]) -> str:
@@ -425,11 +519,14 @@ def _dotted(loc: tuple[Any, ...], data: Mapping[str, Any]) -> str:
         if isinstance(item, int):
             name = ""
             if isinstance(node, list) and item < len(node) and isinstance(node[item], dict):
-                name = str(node[item].get("name", ""))
+                name = node[item].get("name", "")
+                name = name[:64] if isinstance(name, str) else ""  # client-sent: keep it short
+                if not name.isprintable():  # no line break of its own in a message or a log
+                    name = ascii(name)[1:-1]
             parts[-1] = f"{parts[-1]}[{item}]" + (f" ({name})" if name else "")
             node = node[item] if isinstance(node, list) and item < len(node) else None
         else:
-            parts.append(str(item))
+            parts.append(str(item)[:64])  # an unknown key may come from a client: keep it short
             node = node.get(item) if isinstance(node, dict) else None
     return ".".join(parts) or "(top level)"
 

@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import socket
+import unicodedata
 from collections.abc import Awaitable, Coroutine, Mapping
 
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
@@ -23,7 +25,13 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from . import __version__
 from .backends.http1 import HTTP1Client, ProtocolError
-from .config import DiscoverySettings, ServerSettings, normalise_url
+from .config import (
+    BACKEND_NAME,
+    BACKEND_NAME_MAX,
+    DiscoverySettings,
+    ServerSettings,
+    normalise_url,
+)
 from .health import HealthChecker
 from .registry import Backend, Registry, Status
 
@@ -173,7 +181,8 @@ class Discovery:
     def _unique_name(self, name: str) -> str:
         candidate, n = name, 2
         while self.registry.get(candidate) is not None:
-            candidate, n = f"{name}-{n}", n + 1
+            suffix = f"-{n}"
+            candidate, n = name[: BACKEND_NAME_MAX - len(suffix)].rstrip(" ") + suffix, n + 1
         return candidate
 
     async def _advertise_when_listening(self) -> None:
@@ -284,9 +293,22 @@ def backend_from_service(
     except ValueError:
         return None
     label = instance.removesuffix("." + service_type).removesuffix(service_type)
-    backend = discovered(label.replace("_", " ").strip() or host, url, backend_type, source="mdns")
+    name = backend_name(label.replace("_", " ")) or backend_name(address) or backend_type
+    backend = discovered(name, url, backend_type, source="mdns")
     backend.version = props.get("version") or None
     return backend
+
+
+def backend_name(label: str) -> str:
+    """An mDNS instance name fit to be a backend name (it goes into headers, logs and paths):
+    accents dropped, any other character outside the allowed set replaced by '-', cut to the
+    length limit; empty when nothing usable is left."""
+    text = unicodedata.normalize("NFKD", label).encode("ascii", "ignore").decode()
+    name = _UNUSABLE.sub("-", text).strip(" ")[:BACKEND_NAME_MAX].rstrip(" ")
+    return name if BACKEND_NAME.fullmatch(name) else ""
+
+
+_UNUSABLE = re.compile(r"[^A-Za-z0-9 ._:-]+")
 
 
 def discovered(name: str, url: str, backend_type: str, *, source: str) -> Backend:

@@ -1,9 +1,13 @@
 """The one path to a backend: walk the plan, call the adapter, fail over, keep counts straight.
 
-Connection errors, timeouts before the first byte, 5xx and 429 move on to the next step of the
-plan, up to ``max_retries`` more attempts; any other upstream 4xx goes back to the client as it
-came. Once a stream has started there is no failover: a failure ends it with an error event and
-``[DONE]``.
+Connection errors, timeouts, 5xx and 429 move on to the next step of the plan, up to
+``max_retries`` more attempts; any other upstream 4xx goes back to the client as it came. A stream
+commits to its backend at its first event, not its response headers: a backend that answers 200
+and then stays silent or drops is left for the next step too. After the first event there is no
+failover: a failure ends the stream with an error event and ``[DONE]``.
+
+Only a connection that could not be made marks a backend down; a timeout is a slow answer, not an
+outage, and counts against the backend's quality instead.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Literal, TypeVar
 
 import orjson
 
-from .backends import Adapter, Adapters, Call, Completion, EventStream
+from .backends import Adapter, Adapters, Call, Completion, StartedStream
 from .backends.sse import DONE, is_done
 from .errors import (
     JSONDict,
@@ -25,7 +29,6 @@ from .errors import (
     ServiceUnavailable,
     UpstreamConnectError,
     UpstreamError,
-    UpstreamTimeout,
 )
 from .health import HealthChecker
 from .queueing import QueueFull, RequestQueue
@@ -142,12 +145,12 @@ class Dispatcher:
         request_id: str,
         trace: Trace | None = None,
     ) -> StreamResult:
-        """Open a stream on the first step that answers; failover ends at the first event.
-        The backend's in-flight slot is held until the relay ends."""
+        """Start a stream on the first step whose backend sends an event: that event is the
+        commit point (the caller sends headers only then). The slot is held until the relay ends."""
         request = self.route_request("chat", body, client)
         trace = trace or Trace()
 
-        async def attempt(adapter: Adapter, step: Step, call: Call) -> EventStream:
+        async def attempt(adapter: Adapter, step: Step, call: Call) -> StartedStream:
             try:
                 return await adapter.open_stream(step.backend, call)
             except BaseException:
@@ -156,42 +159,49 @@ class Dispatcher:
 
         started = self.clock()
         upstream, served = await self._walk(request, body, raw, client, request_id, attempt, trace)
+        trace.ttft_ms = (self.clock() - started) * 1000
         events = self._relay(upstream, served.step, request, request_id, started, trace)
         return StreamResult(served, events)
 
     async def _plan(self, request: RouteRequest) -> tuple[Plan, bool]:
-        """The plan; while every capable backend is busy, wait in the queue and plan again.
-        While others wait for the same model, a new request waits behind them (no overtaking)."""
+        """The plan; while every backend that could serve it is busy, wait in the queue and plan
+        again. No overtaking: a new request that would take a backend someone in the model's
+        line waits for waits behind them; one that a backend nobody waits for can serve (text
+        while vision requests wait for the vision backend) goes at once."""
         plan = self.router.plan(request)
         queue = self.queue
+        if plan.steps and (queue is None or not queue.depth):
+            return plan, False  # the usual case: nobody waits
+        free = [step.backend.name for step in plan.steps]
         key = plan.resolved
-        behind_others = queue is not None and bool(plan.steps) and queue.waiting(key) > 0
-        if not behind_others and (plan.steps or not plan.saturated):
+        if free and (queue is None or not queue.wanted(key, free)):
+            return plan, False
+        if not free and not plan.saturated:
             return plan, False
         context = plan.context(self.registry, [])
         retry_after = max(1, int(self.max_wait))
         if queue is None:
             raise Saturated(request.model, context, BUSY, retry_after)
-        if behind_others:
-            queue.notify(key)  # a slot is free right now: the first in line takes it
-        deadline = self.clock() + self.max_wait
-        again = False
-        while True:
-            remaining = deadline - self.clock()
-            try:
-                woken = remaining > 0 and await queue.wait(
-                    key, high=request.requirements.high_priority, limit=remaining, again=again
-                )
-            except QueueFull:
-                raise Saturated(
-                    request.model, context, BUSY + " and the queue is full", 1
-                ) from None
-            if not woken:
-                raise Saturated(request.model, context, BUSY + QUEUE_TIMEOUT, retry_after)
-            again = True
-            plan = self.router.plan(request)
-            if plan.steps:
-                return plan, True
+        try:
+            ticket = queue.join(key, high=request.requirements.high_priority, wants=waits_for(plan))
+        except QueueFull:
+            raise Saturated(request.model, context, BUSY + " and the queue is full", 1) from None
+        served = False
+        try:
+            if free:
+                queue.wake(free, key)  # a slot is free now: who waits for it goes first
+            deadline = self.clock() + self.max_wait
+            while True:
+                remaining = deadline - self.clock()
+                if remaining <= 0 or not await queue.wait(ticket, remaining):
+                    raise Saturated(request.model, context, BUSY + QUEUE_TIMEOUT, retry_after)
+                plan = self.router.plan(request)
+                if plan.steps:
+                    served = True
+                    return plan, True
+                queue.again(ticket, waits_for(plan))
+        finally:
+            queue.leave(ticket, served=served)
 
     async def _walk(
         self,
@@ -238,27 +248,29 @@ class Dispatcher:
 
     async def _relay(
         self,
-        upstream: EventStream,
+        upstream: StartedStream,
         step: Step,
         request: RouteRequest,
         request_id: str,
         started: float,
         trace: Trace,
     ) -> AsyncGenerator[bytes, None]:
-        """Upstream events one for one; always ends with ``[DONE]``; releases the slot on exit."""
-        done = False
-        ttft_ms: float | None = None
+        """The first event, then the rest one for one; always ends with ``[DONE]``; releases
+        the slot on exit."""
+        done = is_done(upstream.first)
         try:
-            async for event in upstream:
-                if ttft_ms is None:
-                    ttft_ms = trace.ttft_ms = (self.clock() - started) * 1000
-                if b'"usage":{' in event:
-                    trace.usage(_usage_of(event))
-                yield event
-                if is_done(event):
-                    done = True
-                    break
-            self._succeeded(step, request, (self.clock() - started) * 1000, ttft_ms)
+            if b'"usage":{' in upstream.first:
+                trace.usage(_usage_of(upstream.first))
+            yield upstream.first
+            if not done:
+                async for event in upstream.rest:
+                    if b'"usage":{' in event:
+                        trace.usage(_usage_of(event))
+                    yield event
+                    if is_done(event):
+                        done = True
+                        break
+            self._succeeded(step, request, (self.clock() - started) * 1000, trace.ttft_ms)
         except UpstreamError as exc:
             self._failed(step, exc, request_id, started=True)
             trace.error_type = "stream_broken"
@@ -272,8 +284,14 @@ class Dispatcher:
 
     def _release(self, backend: Backend) -> None:
         backend.in_flight -= 1
-        if self.queue is not None:
-            self.queue.notify_served_by(lambda model: backend.find_model(model) is not None)
+        if self.queue is not None and self.queue.depth:
+            self.queue.wake((backend.name,))
+
+    def capacity_returned(self, backend: Backend) -> None:
+        """``backend`` became usable or changed what it serves (health recovery, discovery, the
+        admin API): nobody in the queue could have waited for it by name, so all plan again."""
+        if self.queue is not None and self.queue.depth:
+            self.queue.wake(None)
 
     def _succeeded(
         self, step: Step, request: RouteRequest, latency_ms: float, ttft_ms: float | None
@@ -287,9 +305,10 @@ class Dispatcher:
         self, step: Step, exc: UpstreamError, request_id: str, *, started: bool = False
     ) -> None:
         backend = step.backend
-        # Down for sure: it refused the connection or let the request time out. A connection
-        # dropped on reuse (the backend closed an idle keep-alive) only moves to the next one.
-        if isinstance(exc, UpstreamConnectError | UpstreamTimeout) and not started:
+        # Down for sure only when no connection could be made (refused, unreachable). A timeout
+        # is a slow generation, not an outage: like a dropped connection, it counts against the
+        # backend's quality below and moves on to the next one.
+        if isinstance(exc, UpstreamConnectError) and not started:
             self.health.mark_down(backend, exc.message)
         if not exc.retryable and not started:  # the client's own mistake, reported by the backend
             log.info("request %s: backend %s refused it: %s", request_id, backend.name, exc)
@@ -303,13 +322,22 @@ BUSY = "Every backend that can serve this model is at capacity"
 QUEUE_TIMEOUT = ", and none came free while the request waited in the queue"
 
 
+def waits_for(plan: Plan) -> list[str]:
+    """The backends a request waits for: free ones it would take, busy ones it could use."""
+    names = [step.backend.name for step in plan.steps]
+    names += [e.backend for e in plan.exclusions if e.stage == "capacity"]
+    return names
+
+
 def upstream_headers(step: Step, client: Mapping[str, str], request_id: str) -> dict[str, str]:
-    """Content type, the request id, and auth: a configured key always wins over the client's."""
+    """Content type, the request id, and auth: a configured key always wins over the client's,
+    and the client's own goes only to a backend the user added (never to one found on the
+    network by mDNS or a port probe)."""
     headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
-    key = step.backend.api_key
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    elif "authorization" in client:
+    backend = step.backend
+    if backend.api_key:
+        headers["Authorization"] = f"Bearer {backend.api_key}"
+    elif "authorization" in client and backend.user_configured:
         headers["Authorization"] = client["authorization"]
     return headers
 

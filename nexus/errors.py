@@ -4,13 +4,20 @@
       InvalidRequest                   400     invalid_request_error   invalid_request_error
       Unauthorized                     401     authentication_error    invalid_api_key
       Forbidden                        403     permission_error        forbidden
+        CrossOrigin                    403     permission_error        invalid_origin
       NotFound                         404     invalid_request_error   not_found
         ModelNotFound                  404     invalid_request_error   model_not_found
       MethodNotAllowed                 405     invalid_request_error   method_not_allowed
+      RequestTimeout                   408     invalid_request_error   request_timeout
       PayloadTooLarge                  413     invalid_request_error   payload_too_large
+      UnsupportedMediaType             415     invalid_request_error   unsupported_media_type
+      MisdirectedRequest               421     invalid_request_error   invalid_host
+      HeadTooLarge                     431     invalid_request_error   header_too_large
       ServiceUnavailable               503     service_unavailable     service_unavailable
+        TooManyConnections             503     service_unavailable     too_many_connections +retry
         NoHealthyBackend               503     service_unavailable     service_unavailable +context
           Saturated                    503     service_unavailable     service_unavailable +retry
+        ConnectionLimitReached         503     service_unavailable     service_unavailable +retry
       UpstreamError                    (the backend's failure, mapped once in backends/base.py)
         UpstreamUnavailable            502     server_error            bad_gateway
           UpstreamConnectError         502     server_error            bad_gateway  (cannot connect)
@@ -56,6 +63,12 @@ class NexusError(Exception):
     def body(self) -> bytes:
         return orjson.dumps(self.envelope())
 
+    @property
+    def error_type(self) -> str:
+        """The error's name in metrics, history and logs: one of Nexus's own codes, never text
+        a backend chose (that would make label values unbounded)."""
+        return self.code or type(self).__name__
+
 
 def error_envelope(
     message: str, type_: str, code: str | None, param: str | None = None
@@ -86,6 +99,12 @@ class Forbidden(NexusError):
     status = 403
     type = "permission_error"
     code = "forbidden"
+
+
+class CrossOrigin(Forbidden):
+    """A page of another site tried to change something (its ``Origin`` is not this server)."""
+
+    code = "invalid_origin"
 
 
 class NotFound(NexusError):
@@ -121,16 +140,53 @@ class MethodNotAllowed(NexusError):
         return {"Allow": self.allow} if self.allow else {}
 
 
+class RequestTimeout(NexusError):
+    """The request's head or body did not arrive within the server's deadline."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(NexusError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
 
 
+class UnsupportedMediaType(NexusError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class MisdirectedRequest(NexusError):
+    """The ``Host`` is not a name of this server: a DNS-rebinding page, or a name to allow."""
+
+    status = 421
+    type = "invalid_request_error"
+    code = "invalid_host"
+
+
+class HeadTooLarge(NexusError):
+    status = 431
+    type = "invalid_request_error"
+    code = "header_too_large"
+
+
 class ServiceUnavailable(NexusError):
     status = 503
     type = "service_unavailable"
     code = "service_unavailable"
+
+
+class TooManyConnections(ServiceUnavailable):
+    """Nexus holds ``[server] max_connections`` client connections already."""
+
+    code = "too_many_connections"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class NoHealthyBackend(ServiceUnavailable):
@@ -175,6 +231,14 @@ class Saturated(NoHealthyBackend):
 
     def headers(self) -> dict[str, str]:
         return {**super().headers(), "Retry-After": str(self.retry_after)}
+
+
+class ConnectionLimitReached(ServiceUnavailable):
+    """Nexus's own cap on open upstream connections stayed full for the whole wait: not the
+    backend's fault, so it is neither retried elsewhere nor held against the backend."""
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 def _header_json(items: list[Any], limit: int = 4000) -> str:
@@ -246,6 +310,12 @@ class UpstreamStatusError(UpstreamError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": self.retry_after} if self.retry_after else {}
+
+    @property
+    def error_type(self) -> str:
+        if self.upstream_status >= 500:
+            return "bad_gateway"
+        return "rate_limit_exceeded" if self.upstream_status == 429 else "upstream_error"
 
     def envelope(self) -> JSONDict:
         if self.upstream_envelope is not None and self.upstream_status < 500:

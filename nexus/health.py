@@ -1,8 +1,10 @@
 """Background probes plus what real requests report -> each backend's status.
 
 Probes only list models (``/v1/models``, ``/api/tags``): never a billed completion. All backends
-are probed concurrently. A backend that refuses a connection or times out during a real request is
-marked down at once and probed again straight away, so traffic leaves it within one request.
+are probed concurrently. A backend that cannot be connected to during a real request (refused,
+unreachable) is marked down at once and probed again straight away, so traffic leaves it within
+one request. A request that times out does not mark it down: a slow answer is not an outage
+(dispatch counts it against the backend's quality instead).
 
 State machine (thresholds from ``[health_check]``):
   unknown   --success-->                      healthy
@@ -23,7 +25,7 @@ from typing import Protocol
 
 from .backends import Adapter
 from .config import HealthCheckSettings
-from .errors import UpstreamError
+from .errors import ConnectionLimitReached, UpstreamError
 from .registry import Backend, Registry, Status
 
 log = logging.getLogger("nexus.health")
@@ -41,11 +43,15 @@ class HealthChecker:
         settings: HealthCheckSettings,
         *,
         clock: Callable[[], float] = time.monotonic,
+        on_capacity: Callable[[Backend], None] | None = None,
     ) -> None:
         self.registry = registry
         self.adapters = adapters
         self.settings = settings
         self.clock = clock
+        # Told when a backend becomes routable or serves more than before (recovered, found,
+        # added, new models or slots): requests queued for capacity may plan again.
+        self.on_capacity = on_capacity
         self._recheck: set[str] = set()
         self._wake = asyncio.Event()
         self._running: set[str] = set()
@@ -64,6 +70,8 @@ class HealthChecker:
         started = self.clock()
         try:
             probe = await adapter.probe(backend)
+        except ConnectionLimitReached:
+            pass  # Nexus's own upstream connections were all busy: nothing about the backend
         except UpstreamError as exc:
             self.record_failure(backend, exc.message)
         except Exception as exc:  # an adapter bug must not stop the health loop
@@ -71,9 +79,13 @@ class HealthChecker:
             self.record_failure(backend, f"{type(exc).__name__}: {exc}")
         else:
             backend.latency_ms = (self.clock() - started) * 1000
+            before = (backend.healthy, backend.slots, backend.models)
             backend.slots = probe.slots
             self.registry.set_models(backend, probe.models)
             self.record_success(backend)
+            after = (backend.healthy, backend.slots, backend.models)
+            if backend.healthy and after != before and self.on_capacity is not None:
+                self.on_capacity(backend)
         finally:
             backend.last_check = time.time()
             self._running.discard(backend.name)
@@ -91,7 +103,7 @@ class HealthChecker:
     def record_failure(self, backend: Backend, reason: str) -> None:
         backend.consecutive_successes = 0
         backend.consecutive_failures += 1
-        backend.last_error = reason
+        backend.last_error = backend.redact(reason)
         if backend.status is Status.UNKNOWN or (
             backend.status is Status.HEALTHY
             and backend.consecutive_failures >= self.settings.failure_threshold
@@ -103,7 +115,7 @@ class HealthChecker:
         if not self.settings.enabled:
             return  # nobody would bring it back
         backend.consecutive_successes = 0
-        backend.last_error = reason
+        backend.last_error = backend.redact(reason)
         if backend.status is not Status.UNHEALTHY:
             self._transition(backend, Status.UNHEALTHY)
         self._recheck.add(backend.name)

@@ -7,6 +7,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .config import CLOUD_TYPES
+from .redact import redact_url, scrub, url_password
+
+# Where a backend came from: the config file (``static``), the admin API (``manual``), mDNS
+# (``mdns``) or a probe of the usual local ports (``probe``). Only the first two were chosen by
+# the user; only they receive a client's own credentials.
+USER_SOURCES = frozenset({"static", "manual"})
 
 
 class Status(enum.StrEnum):
@@ -47,7 +53,7 @@ class Backend:
     zone: str = "restricted"
     tier: int = 1
     api_key: str | None = None
-    source: str = "static"  # static | mdns | probe
+    source: str = "static"  # static | manual | mdns | probe
     version: str | None = None  # as announced (mDNS TXT "version")
     # Why the backend cannot be used or probed at all right now: its configuration (a missing
     # API key) or, for a managed backend, a server process that is not running.
@@ -73,6 +79,25 @@ class Backend:
     @property
     def healthy(self) -> bool:
         return self.status is Status.HEALTHY
+
+    @property
+    def user_configured(self) -> bool:
+        """Added by the user (file or admin API), not found on the network."""
+        return self.source in USER_SOURCES
+
+    @property
+    def shown_url(self) -> str:
+        """The URL as shown anywhere: without its password."""
+        return redact_url(self.url)
+
+    @property
+    def secrets(self) -> tuple[str | None, str | None]:
+        """What must never be shown: the configured key and the URL's password."""
+        return (self.api_key, url_password(self.url))
+
+    def redact(self, text: str) -> str:
+        """``text`` (an upstream error, say) without this backend's key or URL password."""
+        return scrub(text, self.secrets)
 
     def capacity(self, default: int) -> int:
         """Requests it takes at once: what the server reports, else its entry, else ``default``."""

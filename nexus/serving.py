@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import gc
+import math
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from .app import create_app
 from .config import Settings
+from .server_protocol import (
+    ConnectionLimits,
+    NexusHTTPProtocol,
+    NexusWebSocketProtocol,
+    ensure_fd_limit,
+)
 
 
 class GracefulServer(uvicorn.Server):
@@ -22,21 +31,30 @@ class GracefulServer(uvicorn.Server):
             captured.clear()
 
 
-def serve(settings: Settings) -> None:
+def uvicorn_config(settings: Settings, app: ASGIApp, **overrides: Any) -> uvicorn.Config:
+    """The one uvicorn configuration; ``nexus serve`` and the test harness both use it."""
     server = settings.server
-    config = uvicorn.Config(
-        create_app(settings),
+    options: dict[str, Any] = dict(
         host=server.host,
         port=server.port,
         loop="uvloop",
-        http="httptools",
+        http=NexusHTTPProtocol.with_limits(ConnectionLimits.of(server)),
+        ws=NexusWebSocketProtocol,
         lifespan="on",
         access_log=False,
         log_config=None,
         server_header=False,
         proxy_headers=False,  # clients talk to Nexus directly: X-Forwarded-For is not trusted
-        timeout_graceful_shutdown=int(server.shutdown_timeout_seconds) or None,
+        # 0 means now (uvicorn's None would wait forever); a fraction rounds up to whole seconds.
+        timeout_graceful_shutdown=math.ceil(server.shutdown_timeout_seconds),
     )
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+def serve(settings: Settings) -> None:
+    ensure_fd_limit(settings.server)
+    config = uvicorn_config(settings, create_app(settings))
     # Everything built so far lives as long as the process: keep it out of the collector's
     # way so that full collections stay short under load (fewer latency spikes).
     gc.collect()

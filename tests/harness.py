@@ -18,6 +18,7 @@ import uvicorn
 from nexus.app import create_app
 from nexus.config import Settings, settings_from_dict
 from nexus.gateway import Gateway
+from nexus.serving import uvicorn_config
 
 from .fakes import FakeUpstream
 
@@ -47,21 +48,18 @@ class NexusServer:
 
     def __init__(self, loop: LoopThread, settings: Settings) -> None:
         self.loop = loop
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when their proto
+        # says TCP; without it every answer written in two parts waits ~40 ms for a delayed ACK.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         server = settings.server.model_copy(update={"port": self.port})
         self.settings = settings.model_copy(update={"server": server})
         self.app = create_app(self.settings)
+        # The real server configuration (connection caps, deadlines), served on our socket.
         self.server = uvicorn.Server(
-            uvicorn.Config(
-                self.app,
-                lifespan="on",
-                log_config=None,
-                access_log=False,
-                timeout_graceful_shutdown=2,
-            )
+            uvicorn_config(self.settings, self.app, timeout_graceful_shutdown=2)
         )
         self.task: asyncio.Task[None] | None = None
 

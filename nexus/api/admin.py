@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import parse_qsl
+
 from starlette.types import Receive, Scope, Send
 
 from .. import __version__
@@ -116,15 +118,24 @@ class History:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gateway = gateway_of(scope)
         gateway.telemetry.drain()
-        limit = _limit(scope.get("query_string", b""))
+        most = max(1, gateway.settings.history.max_entries)
+        limit = _limit(scope.get("query_string", b""), most)
         await send_json(send, 200, dumps({"data": gateway.history.last(limit)}))
 
 
-def _limit(query: bytes) -> int | None:
-    for part in query.split(b"&"):
-        name, _, value = part.partition(b"=")
-        if name == b"limit":
-            if not value.isdigit():
-                raise InvalidRequest("'limit' must be a whole number", param="limit")
-            return int(value)
-    return None
+def _limit(query: bytes, most: int) -> int | None:
+    """``limit`` from the query: a whole number from 1 to ``most`` (None when absent)."""
+    values = [
+        v for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True) if k == "limit"
+    ]
+    if not values:
+        return None
+    value = values[-1]
+    # Checked as text first: int() of thousands of digits is slow, and refused past 4,300.
+    if (
+        not (value.isascii() and value.isdigit())
+        or len(value) > len(str(most))
+        or not 1 <= int(value) <= most
+    ):
+        raise InvalidRequest(f"'limit' must be a whole number from 1 to {most}", param="limit")
+    return int(value)

@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from ..config import BackendSettings, ConfigError, settings_from_dict
+from ..config import BackendSettings, ConfigError, Settings, settings_from_dict
 from ..errors import Forbidden, InvalidRequest, NotFound, Unauthorized
 from ..gateway import Gateway, backend_from
 from ..registry import Backend
@@ -21,7 +21,7 @@ from .openai import gateway_of
 def backend_view(gateway: Gateway, backend: Backend) -> dict[str, Any]:
     return {
         "name": backend.name,
-        "url": backend.url,
+        "url": backend.shown_url,
         "type": backend.type,
         "location": backend.location,
         "zone": backend.zone,
@@ -29,7 +29,7 @@ def backend_view(gateway: Gateway, backend: Backend) -> dict[str, Any]:
         "priority": backend.priority,
         "source": backend.source,
         "status": backend.status.value,
-        "last_error": backend.unavailable or backend.last_error,
+        "last_error": _shown_error(backend),
         "probe_latency_ms": _round(backend.latency_ms),
         "latency_ms": _round(backend.ewma_latency_ms),
         "ttft_ms": _round(backend.ewma_ttft_ms),
@@ -38,6 +38,11 @@ def backend_view(gateway: Gateway, backend: Backend) -> dict[str, Any]:
         "requests": backend.total_requests,
         "models": sorted(backend.models),
     }
+
+
+def _shown_error(backend: Backend) -> str | None:
+    error = backend.unavailable or backend.last_error
+    return None if error is None else backend.redact(error)
 
 
 def _round(value: float | None) -> float | None:
@@ -74,6 +79,7 @@ class AdminBackends:
             raise InvalidRequest("managed backends can only be configured in the config file")
         if gateway.registry.get(spec.name) is not None:
             raise InvalidRequest(f"a backend named '{spec.name}' already exists", param="name")
+        _check_key_variable(spec, gateway.settings)
         backend = backend_from(spec)
         backend.source = "manual"
         gateway.registry.add(backend)
@@ -87,6 +93,20 @@ def _spec(body: dict[str, Any]) -> BackendSettings:
         return settings_from_dict({"backends": [body]}, origin="backend").backends[0]
     except ConfigError as exc:
         raise InvalidRequest(str(exc).replace("backend: invalid configuration\n  ", "")) from None
+
+
+def _check_key_variable(spec: BackendSettings, settings: Settings) -> None:
+    """Only a variable the config file itself names may be read for an added backend: the admin
+    API must not be a way to send any of the server's environment to a URL of the caller's."""
+    if spec.api_key_env is None or spec.api_key_env in settings.key_variables():
+        return
+    named = ", ".join(sorted(settings.key_variables())) or "none"
+    raise InvalidRequest(
+        f"api_key_env '{spec.api_key_env}' is not named in the config file; a backend added at "
+        f"run time may only use a variable that a [[backends]] api_key_env or [server] "
+        f"admin_key_env names (here: {named})",
+        param="api_key_env",
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -108,6 +128,12 @@ def authorize(scope: Scope, key: str | None) -> None:
                 "The admin API answers only on loopback; set [server] admin_key_env to use it "
                 "from elsewhere"
             )
+        proxied = _proxy_header(scope)
+        if proxied is not None:
+            raise Forbidden(
+                f"The request came through a proxy ({proxied}), so its loopback address says "
+                "nothing about the caller; set [server] admin_key_env to use the admin API"
+            )
         return
     sent = ""
     for name, value in scope["headers"]:
@@ -116,3 +142,19 @@ def authorize(scope: Scope, key: str | None) -> None:
             sent = token.strip() if scheme.lower() == "bearer" else ""
     if not hmac.compare_digest(sent.encode(), key.encode()):
         raise Unauthorized("Missing or wrong admin key (send it as Authorization: Bearer <key>)")
+
+
+_PROXY_HEADERS = {
+    b"forwarded": "Forwarded",
+    b"x-forwarded-for": "X-Forwarded-For",
+    b"x-real-ip": "X-Real-IP",
+}
+
+
+def _proxy_header(scope: Scope) -> str | None:
+    """The name of a header a proxy adds, when the request carries one."""
+    for name, _ in scope["headers"]:
+        shown = _PROXY_HEADERS.get(name)
+        if shown is not None:
+            return shown
+    return None

@@ -1,4 +1,7 @@
-"""The outermost ASGI layer: the request id, and a short path to the hot endpoints.
+"""The outermost ASGI layer: the guard, the request id, and a short path to the hot endpoints.
+
+The guard (``guard.py``: Host, Origin, Content-Type) sees every HTTP and WebSocket request first,
+hot routes included; a refused request gets its envelope (a WebSocket, a 403) and goes no further.
 
 Every answer carries ``X-Request-Id`` (the client's when it sent a sane one, else a new one). The
 POST endpoints that carry inference traffic are called directly from here, in front of the
@@ -21,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import InternalError, NexusError
 from ..telemetry.outcomes import Outcome, Trace, outcome_of
+from .guard import Guard
 from .http import ClientGone, send_json
 
 REQUEST_ID_KEY = "nexus.request_id"
@@ -31,9 +35,12 @@ _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 
 class GatewayMiddleware:
-    def __init__(self, app: Starlette, hot_routes: Mapping[str, ASGIApp]) -> None:
+    def __init__(
+        self, app: Starlette, hot_routes: Mapping[str, ASGIApp], guard: Guard | None = None
+    ) -> None:
         self.app = app
         self.hot_routes = dict(hot_routes)  # path -> handler, for POST
+        self.guard = guard  # None only where this layer is tested alone
 
     @property
     def state(self) -> State:
@@ -45,15 +52,9 @@ class GatewayMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self._not_http(scope, receive, send)
             return
-        request_id = b""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                request_id = value
-                break
-        if not _SAFE_ID.match(request_id):
-            request_id = os.urandom(16).hex().encode()
+        request_id = _request_id(scope)
         scope[REQUEST_ID_KEY] = request_id.decode()
 
         start: list[Message] = []
@@ -64,6 +65,11 @@ class GatewayMiddleware:
                 start.append(message)
             await send(message)
 
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            log.debug("refused %s %s: %s", scope["method"], scope["path"], refusal.message)
+            await send_json(send_with_id, refusal.status_code, refusal.body())
+            return
         handler = self.hot_routes.get(scope["path"]) if scope["method"] == "POST" else None
         if handler is None:
             await self.app(scope, receive, send_with_id)
@@ -76,7 +82,7 @@ class GatewayMiddleware:
         except ClientGone:
             trace.error_type = "client_gone"
         except NexusError as exc:
-            trace.error_type = str(exc.envelope()["error"].get("code") or type(exc).__name__)
+            trace.error_type = exc.error_type
             await send_json(send_with_id, exc.status_code, exc.body(), _encode(exc.headers()))
         except Exception:  # a bug: say so in the log, answer with an envelope if still possible
             log.exception("unexpected error on POST %s", scope["path"])
@@ -92,6 +98,28 @@ class GatewayMiddleware:
             gateway.telemetry.record(outcome)
         if access_log.isEnabledFor(logging.INFO):
             _log_request(scope["path"], outcome, trace.content)
+
+    def _refusal(self, scope: Scope) -> NexusError | None:
+        return None if self.guard is None else self.guard.check(scope)
+
+    async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """WebSockets pass the guard first; lifespan goes straight through."""
+        if scope["type"] == "websocket":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await _refuse_websocket(scope, receive, send, refusal)
+                return
+        await self.app(scope, receive, send)
+
+
+def _request_id(scope: Scope) -> bytes:
+    """The client's ``X-Request-Id`` when it is sane, else a new one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            if _SAFE_ID.match(value):
+                return bytes(value)
+            break
+    return os.urandom(16).hex().encode()
 
 
 def _log_request(path: str, o: Outcome, content: str | None) -> None:
@@ -126,6 +154,13 @@ def _log_request(path: str, o: Outcome, content: str | None) -> None:
             "error_type": o.error_type,
         },
     )
+
+
+async def _refuse_websocket(scope: Scope, receive: Receive, send: Send, error: NexusError) -> None:
+    """Close before accepting: the handshake is answered 403. (An envelope body would need the
+    denial-response extension, whose use uvicorn logs as an error; no page could read it.)"""
+    log.debug("refused WebSocket %s: %s", scope["path"], error.message)
+    await send({"type": "websocket.close", "code": 1008})
 
 
 def trace_of(scope: Scope) -> Trace:

@@ -19,6 +19,7 @@ from .middleware import REQUEST_ID_KEY, trace_of
 from .sse import send_stream
 
 MAX_EMBEDDING_INPUTS = 2048
+MAX_MODEL_CHARS = 256
 
 
 def gateway_of(scope: Scope) -> Gateway:
@@ -112,8 +113,10 @@ def content_preview(messages: list[Any]) -> str:
     """The last message's text, cut to ``CONTENT_PREVIEW_CHARS`` (content logging only)."""
     content = messages[-1].get("content") if messages else None
     if isinstance(content, list):
-        content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    text = "" if content is None else str(content)
+        content = " ".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    text = content if isinstance(content, str) else ""
     return text[:CONTENT_PREVIEW_CHARS] + ("..." if len(text) > CONTENT_PREVIEW_CHARS else "")
 
 
@@ -158,6 +161,11 @@ def _check_model(body: JSONDict) -> None:
     if not isinstance(model, str) or not model:
         what = "missing" if model is None else f"a {_kind(model)}"
         raise InvalidRequest(f"'model' must be a non-empty string; it is {what}", param="model")
+    if len(model) > MAX_MODEL_CHARS:  # the name goes to history and logs: keep it bounded
+        raise InvalidRequest(
+            f"'model' is {len(model)} characters long; at most {MAX_MODEL_CHARS} are allowed",
+            param="model",
+        )
 
 
 def _kind(value: Any) -> str:

@@ -18,8 +18,19 @@ SSE_HEADERS = [
 ]
 
 
+def ends_stream(item: bytes) -> bool:
+    """The relay's last item ends with its own ``data: [DONE]`` event: it goes out as the last
+    body (one write fewer per stream). Nothing follows it; a spaceless upstream ``[DONE]`` only
+    misses the shortcut."""
+    return item.endswith(b"data: [DONE]\n\n") and (len(item) == 14 or item[-16:-14] == b"\n\n")
+
+
 async def send_stream(send: Send, result: StreamResult) -> None:
+    events = result.events
     try:
+        # Start the relay before anything else can fail: its clean-up (release the slot, close
+        # the upstream) runs only in a relay that started. Its first event is already in hand.
+        first = await anext(events, None)
         await send(
             {
                 "type": "http.response.start",
@@ -27,10 +38,16 @@ async def send_stream(send: Send, result: StreamResult) -> None:
                 "headers": [*SSE_HEADERS, *result.served.headers()],
             }
         )
-        async for event in result.events:
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        more = True
+        if first is not None:
+            more = not ends_stream(first)
+            await send({"type": "http.response.body", "body": first, "more_body": more})
+        async for event in events:
+            more = not ends_stream(event)
+            await send({"type": "http.response.body", "body": event, "more_body": more})
+        if more:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
     except OSError:  # servers other than uvicorn raise when writing to a closed connection
         raise ClientGone from None
     finally:
-        await result.events.aclose()
+        await events.aclose()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Adapter, Call, Completion, EventStream, Timeouts
+from .base import Adapter, Call, Completion, EventStream, StartedStream, Timeouts
 from .http1 import HTTP1Client
 from .ollama import OllamaAdapter
 from .openai import PROFILES, OpenAIAdapter
@@ -13,6 +13,7 @@ __all__ = [
     "Call",
     "Completion",
     "EventStream",
+    "StartedStream",
     "HTTP1Client",
     "Timeouts",
     "SUPPORTED_TYPES",

@@ -7,7 +7,14 @@ backend's dialect. It never decides where a request goes; ``dispatch`` does.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -15,6 +22,8 @@ from typing import Any, Protocol, TypeVar
 import orjson
 
 from ..errors import (
+    ConnectionLimitReached,
+    InvalidRequest,
     JSONDict,
     UpstreamConnectError,
     UpstreamError,
@@ -23,8 +32,17 @@ from ..errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from ..redact import scrub_bytes
 from ..registry import Backend, Model
-from .http1 import ConnectFailed, HTTP1Client, ProtocolError, Response
+from .http1 import (
+    ConnectFailed,
+    HTTP1Client,
+    PoolExhausted,
+    ProtocolError,
+    Response,
+    ResponseTooLarge,
+)
+from .sse import MAX_EVENT_BYTES, opens_chunks
 
 T = TypeVar("T")
 
@@ -50,7 +68,18 @@ class Call:
         """The bytes to send: the client's own unless the model name had to change."""
         if self.body.get("model") == self.model:
             return self.raw
-        return orjson.dumps({**self.body, "model": self.model})
+        return encode_request({**self.body, "model": self.model})
+
+
+def encode_request(data: Any) -> bytes:
+    """A request body built from the client's JSON. orjson reads 1024 levels of nesting but
+    writes only 254: a body nested deeper than that is the client's mistake (400), not a 500."""
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError:
+        raise InvalidRequest(
+            "Request body is nested too deeply: at most 254 levels of arrays and objects"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +105,34 @@ class EventStream(Protocol):
     async def aclose(self) -> None: ...
 
 
+@dataclass(slots=True)
+class StartedStream:
+    """A stream whose first event is in hand: the point where dispatch commits to a backend.
+
+    ``rest`` yields the events after ``first``; ``aclose`` ends both (an unfinished answer is
+    abandoned, which tells the backend to stop).
+    """
+
+    first: bytes
+    rest: AsyncIterator[bytes]
+    stream: EventStream
+
+    async def aclose(self) -> None:
+        try:
+            if isinstance(self.rest, AsyncGenerator):
+                await self.rest.aclose()
+        finally:
+            await self.stream.aclose()
+
+
 class Adapter(Protocol):
     async def probe(self, backend: Backend) -> Probe: ...
 
     async def chat(self, backend: Backend, call: Call) -> Completion: ...
 
-    async def open_stream(self, backend: Backend, call: Call) -> EventStream: ...
+    async def open_stream(self, backend: Backend, call: Call) -> StartedStream:
+        """Return once the first event is in; any failure before it raises an UpstreamError."""
+        ...
 
     async def embeddings(self, backend: Backend, call: Call) -> Completion: ...
 
@@ -108,7 +159,35 @@ class HTTPAdapter:
             resp = await self.client.request("POST", backend.url + path, headers, payload)
             if resp.status >= 400:
                 raise status_error(backend, resp, await resp.read())
+            if not answered(resp.status):
+                resp.close()
+                raise no_answer(backend, resp.status)
             return resp
+
+    async def open_events(
+        self,
+        backend: Backend,
+        path: str,
+        payload: bytes,
+        headers: Mapping[str, str],
+        wrap: Callable[[Response], EventStream],
+    ) -> StartedStream:
+        """POST and return the stream once its first event is in, all within the request timeout.
+
+        A 200 followed by silence, a drop or an empty body is a failure of this backend like a
+        refused connection: nothing went to the client yet, so the next backend may be tried.
+        """
+        limit = self.timeouts.request
+        deadline = asyncio.get_running_loop().time() + limit
+        stream = wrap(await self.open_post(backend, path, payload, headers))
+        rest = aiter(stream)
+        try:
+            async with upstream_errors(backend, limit), asyncio.timeout_at(deadline):
+                first = await _first_chunk(backend, rest)
+        except BaseException:
+            await StartedStream(b"", rest, stream).aclose()
+            raise
+        return StartedStream(first, rest, stream)
 
     async def get_json(self, backend: Backend, path: str, headers: Mapping[str, str]) -> Any:
         body = await self._call(backend, "GET", path, b"", headers, self.timeouts.probe)
@@ -137,6 +216,8 @@ class HTTPAdapter:
             body = await resp.read()
         if resp.status >= 400:
             raise status_error(backend, resp, body)
+        if not answered(resp.status):
+            raise no_answer(backend, resp.status)
         return body
 
 
@@ -152,6 +233,15 @@ async def upstream_errors(backend: Backend, limit: float) -> AsyncIterator[None]
         raise UpstreamTimeout(name, f"Backend '{name}' did not answer within {limit:g}s") from exc
     except ConnectFailed as exc:
         raise UpstreamConnectError(name, f"Backend '{name}' is unreachable: {exc}") from exc
+    except PoolExhausted as exc:
+        raise ConnectionLimitReached(
+            f"Nexus could not reach backend '{name}': {exc} ([server] max_concurrent_requests). "
+            "Retry shortly, or raise the limit."
+        ) from exc
+    except ResponseTooLarge as exc:
+        raise UpstreamProtocolError(
+            name, f"Backend '{name}' sent more than [server] max_response_bytes: {exc}"
+        ) from exc
     except ProtocolError as exc:
         raise UpstreamProtocolError(name, f"Backend '{name}' answered badly: {exc}") from exc
     except OSError as exc:
@@ -160,8 +250,52 @@ async def upstream_errors(backend: Backend, limit: float) -> AsyncIterator[None]
         ) from exc
 
 
+async def _first_chunk(backend: Backend, rest: AsyncIterator[bytes]) -> bytes:
+    """The stream's first chunk, with any comments before it: what commits the request to this
+    backend. A body that is not SSE of OpenAI chunks (a JSON object, junk) fails here, while the
+    next backend may still be tried."""
+    name = backend.name
+    items: list[bytes] = []
+    size = 0
+    while (item := await anext(rest, None)) is not None:
+        items.append(item)
+        size += len(item)
+        opens = opens_chunks(item)
+        if opens:
+            return items[0] if len(items) == 1 else b"".join(items)
+        if opens is False:
+            shown = scrub_bytes(item[:120], backend.secrets).decode("utf-8", "replace")
+            raise UpstreamProtocolError(
+                name,
+                f"Backend '{name}' answered a stream with something other than SSE chat "
+                f"chunks: {shown!r}",
+            )
+        if size > MAX_EVENT_BYTES:
+            raise UpstreamProtocolError(name, f"Backend '{name}' sent no chunk, only comments")
+    raise UpstreamProtocolError(name, f"Backend '{name}' ended the stream before its first event")
+
+
 def status_error(backend: Backend, resp: Response, body: bytes) -> UpstreamStatusError:
+    # A backend may echo the key it was sent ("invalid key sk-..."): that never goes further.
+    body = scrub_bytes(body, backend.secrets)
     return UpstreamStatusError(backend.name, resp.status, body, resp.headers.get("retry-after"))
+
+
+def answered(status: int) -> bool:
+    """A final 2xx with content: 1xx, 3xx (Nexus follows no redirects) and 204/205 answer
+    nothing, and count as the backend's failure."""
+    return 200 <= status < 300 and status != 204 and status != 205
+
+
+def no_answer(backend: Backend, status: int) -> UpstreamProtocolError:
+    name = backend.name
+    if 300 <= status < 400:
+        why = "redirected the request; Nexus follows no redirects: set the backend's final URL"
+    elif status < 200:
+        why = "switched protocols instead of answering"
+    else:
+        why = "answered with no content"
+    return UpstreamProtocolError(name, f"Backend '{name}' {why} (status {status})")
 
 
 def parse_json(backend: Backend, body: bytes) -> Any:

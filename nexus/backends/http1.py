@@ -6,17 +6,24 @@ the rest of a proxied request. Here a request is one prepared byte string; the r
 by httptools (llhttp, as in uvicorn), handed over as it arrives, and the connection goes back to the
 pool once its response is complete.
 
+Bounds: at most ``max_connections`` connections are open at once (idle ones included; an idle one
+is closed to make room for another host); a request that finds none free waits up to the connect
+timeout, then raises ``PoolExhausted``. A response body past ``max_response_bytes`` raises
+``ResponseTooLarge``. Idle connections are closed after ``keepalive_seconds`` by a timer, whether
+or not another request comes.
+
 Errors: ``ConnectFailed`` (no connection could be made), ``TimeoutError``, ``ConnectionError``
-(the connection broke), ``ProtocolError`` (not HTTP). A request on a pooled connection that the
-server had already closed is sent again once on a fresh connection.
+(the connection broke), ``ProtocolError`` (not HTTP, or too large), ``PoolExhausted``. A request
+on a pooled connection that the server had already closed is sent again once on a fresh one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -25,6 +32,11 @@ import httptools
 
 HIGH_WATER = 256 * 1024  # stop reading from the socket while this much is waiting unread
 MAX_IDLE_PER_HOST = 256
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# A response given back before its end (a stream after its last event) may take this long and
+# this many more bytes to finish; then its connection is pooled, else closed.
+DRAIN_SECONDS = 1.0
+DRAIN_BYTES = 64 * 1024
 
 
 class ConnectFailed(OSError):
@@ -33,6 +45,14 @@ class ConnectFailed(OSError):
 
 class ProtocolError(Exception):
     """The upstream's answer was not valid HTTP/1.1."""
+
+
+class ResponseTooLarge(ProtocolError):
+    """The response body went past the client's ``max_response_bytes``."""
+
+
+class PoolExhausted(Exception):
+    """Every allowed connection stayed busy for the whole wait (Nexus's cap, not the upstream)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +93,16 @@ class Target:
 class _Connection(asyncio.Protocol):
     """One TCP connection; carries one request at a time."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: HTTP1Client) -> None:
         self.loop = loop
+        self.client = client  # told once when this connection closes: it frees a slot
+        self.max_body = client.max_response_bytes
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
+        self.on_drained: Callable[[], None] | None = None
+        self.drain_timer: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -91,6 +115,7 @@ class _Connection(asyncio.Protocol):
         self.error: BaseException | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
+        self.body_bytes = 0
         self.paused = False
         self.headers_done: asyncio.Future[None] = self.loop.create_future()
         self.wakeup: asyncio.Future[None] | None = None
@@ -109,7 +134,7 @@ class _Connection(asyncio.Protocol):
             self._fail(ProtocolError(f"invalid HTTP from the upstream: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self._mark_closed()
         if self.complete:
             return
         if self.headers_done.done() and not self._has_length():
@@ -140,6 +165,15 @@ class _Connection(asyncio.Protocol):
             self.headers_done.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        if self.on_drained is not None:  # given back before its end: drop the rest, bounded
+            if self.body_bytes > DRAIN_BYTES:
+                self.close()
+            return
+        if self.body_bytes > self.max_body:
+            if self.error is None:
+                self._fail(ResponseTooLarge(f"the response is larger than {self.max_body} bytes"))
+            return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
@@ -148,12 +182,19 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.error is not None:  # failed (e.g. too large) before its end: never complete
+            return
         if self.interim:
             self.interim = False
             self.headers = []
             return
         self.complete = True
         self._wake()
+        if self.on_drained is not None:
+            done, self.on_drained = self.on_drained, None
+            if self.drain_timer is not None:
+                self.drain_timer.cancel()
+            done()
 
     # -- helpers --------------------------------------------------------------------------
     def _has_length(self) -> bool:
@@ -193,12 +234,38 @@ class _Connection(asyncio.Protocol):
     def send(self, request: bytes) -> None:
         self._reset()
         assert self.transport is not None
+        if self.closed or self.transport.is_closing():
+            # Lost between connect (or pooling) and now: a write would vanish silently and
+            # nothing would ever answer, so fail at once instead of waiting for a timeout.
+            self._fail(ConnectionResetError("the upstream closed the connection before we sent"))
+            return
         self.transport.write(request)
 
+    def drain(self, on_done: Callable[[], None]) -> None:
+        """The reader is done before the response is: call ``on_done`` once it ends (the
+        connection is then reusable), or close the connection if it takes too long."""
+        self.chunks.clear()
+        self.buffered = 0
+        self.body_bytes = 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        self.on_drained = on_done
+        self.drain_timer = self.loop.call_later(DRAIN_SECONDS, self.close)
+
     def close(self) -> None:
-        self.closed = True
+        self._mark_closed()
         if self.transport is not None:
             self.transport.close()
+
+    def _mark_closed(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.on_drained = None
+        if self.drain_timer is not None:
+            self.drain_timer.cancel()
+        self.client._slot_freed()
 
 
 class Response:
@@ -209,33 +276,55 @@ class Response:
         self._key = key
         self._conn: _Connection | None = conn
         self.status = conn.status
-        self.headers = {
-            name.decode("latin-1"): value.decode("latin-1") for name, value in conn.headers
-        }
+        self._raw_headers = conn.headers
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Lower-case names; decoded on first use (the hot path never looks)."""
+        if self._headers is None:
+            self._headers = {
+                name.decode("latin-1"): value.decode("latin-1") for name, value in self._raw_headers
+            }
+        return self._headers
 
     async def read(self) -> bytes:
-        parts = [chunk async for chunk in self.iter_chunks()]
+        parts = []
+        while (chunk := await self.next_chunk()) is not None:
+            parts.append(chunk)
         return b"".join(parts)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
+        while (chunk := await self.next_chunk()) is not None:
+            yield chunk
+
+    async def next_chunk(self) -> bytes | None:
+        """The next piece of body; None at its end (the connection is then given back)."""
         conn = self._conn
         if conn is None:
-            return
+            return None
         try:
-            while (chunk := await conn.next_chunk()) is not None:
-                yield chunk
+            chunk = await conn.next_chunk()
         except BaseException:
             self.close()
             raise
-        self.release()
+        if chunk is None:
+            self.release()
+        return chunk
 
-    def release(self) -> None:
-        """Give the connection back when its response is complete, else close it."""
+    def release(self, *, drain: bool = False) -> None:
+        """Give the connection back when its response is complete, else close it. With ``drain``
+        an unfinished response may still finish (briefly, unread) and then be given back."""
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if conn.complete and conn.keep_alive and not conn.closed:
+        if not conn.keep_alive or conn.closed or conn.error is not None:
+            conn.close()
+        elif conn.complete:
             self._client._put_back(self._key, conn)
+        elif drain:
+            key, client = self._key, self._client
+            conn.drain(lambda: client._put_back(key, conn))
         else:
             conn.close()
 
@@ -251,10 +340,23 @@ class Response:
 
 
 class HTTP1Client:
-    def __init__(self, *, keepalive_seconds: float = 4.0, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        keepalive_seconds: float = 4.0,
+        connect_timeout: float = 5.0,
+        max_connections: int = 1000,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
         self.keepalive_seconds = keepalive_seconds
         self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
+        self.max_response_bytes = max_response_bytes
+        self.open_connections = 0  # idle, busy and connecting
         self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._reaper: asyncio.TimerHandle | None = None
+        self._closing = False
         self._ssl: ssl.SSLContext | None = None
         self._targets: dict[str, Target] = {}
 
@@ -287,7 +389,11 @@ class HTTP1Client:
             except (ConnectionError, OSError):
                 conn.close()
                 if reused and not conn.received_any:
-                    continue  # the server had closed this idle connection: try a fresh one
+                    # The server had closed this idle connection, and likely its idle siblings
+                    # too (a restart closes them all): send once more, on a fresh connection.
+                    for stale in self._idle.pop(target.key, ()):
+                        stale.close()
+                    continue
                 raise
             except BaseException:
                 conn.close()
@@ -303,34 +409,124 @@ class HTTP1Client:
 
     async def _acquire(self, target: Target) -> tuple[_Connection, bool]:
         loop = asyncio.get_running_loop()
-        idle = self._idle.get(target.key)
-        now = loop.time()
-        while idle:
-            conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < self.keepalive_seconds:
-                return conn, True
-            conn.close()
+        deadline: float | None = None
+        while True:
+            idle = self._idle.get(target.key)
+            now = loop.time()
+            while idle:
+                conn = idle.pop()
+                if not conn.closed and now - conn.idle_since < self.keepalive_seconds:
+                    return conn, True
+                conn.close()
+            if self.open_connections < self.max_connections or self._evict_idle():
+                break
+            if deadline is None:
+                deadline = now + self.connect_timeout
+            await self._wait_for_room(deadline)
+        return await self._connect(loop, target), False
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, target: Target) -> _Connection:
+        self.open_connections += 1  # the slot is the new connection's; its close gives it back
+        made: list[_Connection] = []
+
+        def factory() -> _Connection:
+            made.append(_Connection(loop, self))
+            return made[-1]
+
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: _Connection(loop),
+                    factory,
                     target.host,
                     target.port,
                     ssl=self._ssl_context() if target.scheme == "https" else None,
                 )
-        except TimeoutError:
-            raise ConnectFailed(f"connecting to {target.host}:{target.port} timed out") from None
-        except OSError as exc:
-            raise ConnectFailed(exc.strerror or str(exc)) from exc
-        return protocol, False
+        except BaseException as exc:
+            if made:
+                made[0].close()
+            else:
+                self._slot_freed()
+            if isinstance(exc, TimeoutError):
+                raise ConnectFailed(
+                    f"connecting to {target.host}:{target.port} timed out"
+                ) from None
+            if isinstance(exc, OSError):
+                raise ConnectFailed(exc.strerror or str(exc)) from exc
+            raise
+        return protocol
+
+    def _evict_idle(self) -> bool:
+        """Close the longest-idle connection to make room for another; False when none is idle."""
+        oldest: collections.deque[_Connection] | None = None
+        for idle in self._idle.values():
+            if idle and (oldest is None or idle[0].idle_since < oldest[0].idle_since):
+                oldest = idle
+        if oldest is None:
+            return False
+        oldest.popleft().close()
+        return True
+
+    async def _wait_for_room(self, deadline: float) -> None:
+        """Wait until a connection closes or comes back to the pool, at most until ``deadline``."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._wake_one()  # woken, but leaving: the room goes to the next in line
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise PoolExhausted(
+                    f"all {self.max_connections} upstream connections stayed busy for "
+                    f"{self.connect_timeout:g}s"
+                ) from None
+            raise
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _slot_freed(self) -> None:
+        self.open_connections -= 1
+        if self._waiters:
+            self._wake_one()
 
     def _put_back(self, key: tuple[str, str, int], conn: _Connection) -> None:
         idle = self._idle.setdefault(key, collections.deque())
-        if len(idle) >= MAX_IDLE_PER_HOST:
+        if len(idle) >= MAX_IDLE_PER_HOST or self._closing:
             conn.close()
             return
-        conn.idle_since = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
         idle.append(conn)
+        if self._reaper is None:
+            self._reaper = loop.call_at(conn.idle_since + self.keepalive_seconds, self._reap)
+        if self._waiters:
+            self._wake_one()
+
+    def _reap(self) -> None:
+        """Close connections idle for ``keepalive_seconds``; run again for the next to expire."""
+        self._reaper = None
+        loop = asyncio.get_running_loop()
+        expired = loop.time() - self.keepalive_seconds + 0.005  # timers may fire a little early
+        next_due: float | None = None
+        for key, idle in list(self._idle.items()):
+            while idle and (idle[0].closed or idle[0].idle_since <= expired):
+                idle.popleft().close()
+            if not idle:
+                del self._idle[key]
+            elif next_due is None or idle[0].idle_since < next_due:
+                next_due = idle[0].idle_since
+        if next_due is not None:
+            self._reaper = loop.call_at(next_due + self.keepalive_seconds, self._reap)
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -338,6 +534,10 @@ class HTTP1Client:
         return self._ssl
 
     async def aclose(self) -> None:
+        self._closing = True  # a response still draining closes instead of coming back
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for idle in self._idle.values():
             for conn in idle:
                 conn.close()

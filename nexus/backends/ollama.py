@@ -19,10 +19,19 @@ import orjson
 
 from ..errors import InvalidRequest, JSONDict, UpstreamProtocolError
 from ..registry import Backend, Model
-from .base import Call, Completion, HTTPAdapter, Probe, gather_limited, parse_json
+from .base import (
+    Call,
+    Completion,
+    HTTPAdapter,
+    Probe,
+    StartedStream,
+    encode_request,
+    gather_limited,
+    parse_json,
+)
 from .capabilities import guess_model
 from .http1 import Response
-from .sse import DONE, SSEStream
+from .sse import DONE, LineSplitter, SSEStream
 
 _FINISH = {"stop": "stop", "length": "length", "load": "stop", "unload": "stop"}
 _OPTION_KEYS = {
@@ -70,26 +79,32 @@ class OllamaAdapter(HTTPAdapter):
         return model
 
     async def chat(self, backend: Backend, call: Call) -> Completion:
-        payload = orjson.dumps(chat_request(call.body, call.model, stream=False))
+        payload = encode_request(chat_request(call.body, call.model, stream=False))
         body = await self.post_json(backend, "/api/chat", payload, _JSON)
         data = parse_json(backend, body)
         if not isinstance(data, dict) or "error" in data:
-            raise UpstreamProtocolError(backend.name, f"Ollama error: {_error_text(data)}")
+            raise UpstreamProtocolError(backend.name, f"Ollama error: {_error_text(backend, data)}")
         completion = chat_response(data, call.model)
         return Completion(orjson.dumps(completion), completion["usage"])
 
-    async def open_stream(self, backend: Backend, call: Call) -> OllamaStream:
-        payload = orjson.dumps(chat_request(call.body, call.model, stream=True))
-        resp = await self.open_post(backend, "/api/chat", payload, _JSON)
+    async def open_stream(self, backend: Backend, call: Call) -> StartedStream:
+        payload = encode_request(chat_request(call.body, call.model, stream=True))
         options = call.body.get("stream_options")
         usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        return OllamaStream(backend, resp, self.timeouts.stream_idle, call.model, usage)
+        idle = self.timeouts.stream_idle
+        return await self.open_events(
+            backend,
+            "/api/chat",
+            payload,
+            _JSON,
+            lambda resp: OllamaStream(backend, resp, idle, call.model, usage),
+        )
 
     async def embeddings(self, backend: Backend, call: Call) -> Completion:
         request: JSONDict = {"model": call.model, "input": call.body.get("input")}
         if "dimensions" in call.body:
             request["dimensions"] = call.body["dimensions"]
-        body = await self.post_json(backend, "/api/embed", orjson.dumps(request), _JSON)
+        body = await self.post_json(backend, "/api/embed", encode_request(request), _JSON)
         data = parse_json(backend, body)
         vectors = data.get("embeddings") if isinstance(data, dict) else None
         if not isinstance(vectors, list):
@@ -211,8 +226,8 @@ def _content(content: Any) -> tuple[str, list[str]]:
     for part in content:
         if not isinstance(part, dict):
             continue
-        if part.get("type") == "text":
-            texts.append(str(part.get("text", "")))
+        if part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
         elif part.get("type") == "image_url":
             images.append(_image(part.get("image_url")))
     return "\n".join(texts), images
@@ -240,7 +255,9 @@ def _tool_call_out(call: Any, names: dict[str, str]) -> JSONDict:
     return {"function": {"name": function.get("name"), "arguments": arguments or {}}}
 
 
-def _tool_calls_in(message: JSONDict, *, with_index: bool) -> list[JSONDict]:
+def _tool_calls_in(message: JSONDict, *, first_index: int | None) -> list[JSONDict]:
+    """OpenAI tool calls; in a stream (``first_index`` given) each carries its index in the
+    whole answer, which clients use to tell calls apart."""
     calls = []
     for i, call in enumerate(message.get("tool_calls") or ()):
         function = call.get("function", {}) if isinstance(call, dict) else {}
@@ -255,8 +272,8 @@ def _tool_calls_in(message: JSONDict, *, with_index: bool) -> list[JSONDict]:
                 else orjson.dumps(arguments).decode(),
             },
         }
-        if with_index:
-            item = {"index": i, **item}
+        if first_index is not None:
+            item = {"index": first_index + i, **item}
         calls.append(item)
     return calls
 
@@ -280,7 +297,7 @@ def _usage(data: JSONDict) -> JSONDict:
 def chat_response(data: JSONDict, model: str) -> JSONDict:
     message = data.get("message") if isinstance(data.get("message"), dict) else {}
     assert isinstance(message, dict)
-    calls = _tool_calls_in(message, with_index=False)
+    calls = _tool_calls_in(message, first_index=None)
     out_message: JSONDict = {
         "role": "assistant",
         "content": message.get("content", "") if not calls or message.get("content") else None,
@@ -323,22 +340,23 @@ class OllamaStream(SSEStream):
         self._created = int(time.time())
         self._first = True
         self._done = False
-        self._saw_tools = False
+        self._tool_calls = 0
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        buffer = b""
+        lines = LineSplitter()
         try:
-            async for chunk in self._chunks():
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        for event in self._translate(line):
-                            yield event
-                        if self._done:
-                            return
-            if buffer.strip():
-                for event in self._translate(buffer):
+            while (batch := await self._next(lines)) is not None:
+                for line in batch:
+                    events = self._translate(line)
+                    self._finished = self._done  # before the yields: the reader stops at [DONE]
+                    for event in events:
+                        yield event
+                    if self._done:
+                        return
+            self._finished = True
+            tail = lines.tail()
+            if tail is not None:
+                for event in self._translate(tail):
                     yield event
             if not self._done:
                 name = self._backend.name
@@ -349,23 +367,24 @@ class OllamaStream(SSEStream):
     def _translate(self, line: bytes) -> list[bytes]:
         data = parse_json(self._backend, line)
         if not isinstance(data, dict) or "error" in data:
-            raise UpstreamProtocolError(self._backend.name, f"Ollama error: {_error_text(data)}")
+            error = _error_text(self._backend, data)
+            raise UpstreamProtocolError(self._backend.name, f"Ollama error: {error}")
         message = data.get("message") if isinstance(data.get("message"), dict) else {}
         assert isinstance(message, dict)
         delta: JSONDict = {"role": "assistant"} if self._first else {}
         if message.get("content") or self._first:
             delta["content"] = message.get("content", "")
         self._first = False
-        calls = _tool_calls_in(message, with_index=True)
+        calls = _tool_calls_in(message, first_index=self._tool_calls)
         if calls:
             delta["tool_calls"] = calls
-            self._saw_tools = True
+            self._tool_calls += len(calls)  # Ollama sends each call in a line of its own
         events = []
         if delta:
             events.append(self._event([_choice(delta, None)]))
         if data.get("done"):
             self._done = True
-            events.append(self._event([_choice({}, _finish(data, self._saw_tools))]))
+            events.append(self._event([_choice({}, _finish(data, self._tool_calls > 0))]))
             if self._include_usage:
                 events.append(self._event([], usage=_usage(data)))
             events.append(DONE)
@@ -388,9 +407,9 @@ def _choice(delta: JSONDict, finish: str | None) -> JSONDict:
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
-def _error_text(data: Any) -> str:
+def _error_text(backend: Backend, data: Any) -> str:
     if isinstance(data, dict) and "error" in data:
-        return str(data["error"])
+        return backend.redact(str(data["error"]))
     return "unexpected answer"
 
 

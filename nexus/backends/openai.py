@@ -13,7 +13,7 @@ import orjson
 
 from ..errors import UpstreamProtocolError
 from ..registry import Backend, Model
-from .base import Call, Completion, HTTPAdapter, Probe
+from .base import Call, Completion, HTTPAdapter, Probe, StartedStream, parse_json
 from .capabilities import guess_model
 from .sse import SSEStream
 
@@ -63,13 +63,19 @@ class OpenAIAdapter(HTTPAdapter):
         body = await self.post_json(backend, "/v1/chat/completions", call.payload(), call.headers)
         return complete_response(backend, body)
 
-    async def open_stream(self, backend: Backend, call: Call) -> SSEStream:
-        resp = await self.open_post(backend, "/v1/chat/completions", call.payload(), call.headers)
-        return SSEStream(backend, resp, self.timeouts.stream_idle)
+    async def open_stream(self, backend: Backend, call: Call) -> StartedStream:
+        idle = self.timeouts.stream_idle
+        return await self.open_events(
+            backend,
+            "/v1/chat/completions",
+            call.payload(),
+            call.headers,
+            lambda resp: SSEStream(backend, resp, idle),
+        )
 
     async def embeddings(self, backend: Backend, call: Call) -> Completion:
         body = await self.post_json(backend, "/v1/embeddings", call.payload(), call.headers)
-        return Completion(body)
+        return embeddings_response(backend, body)
 
     async def _llamacpp_props(self, backend: Backend) -> dict[str, Any]:
         try:
@@ -140,3 +146,15 @@ def complete_response(backend: Backend, body: bytes) -> Completion:
     return Completion(
         orjson.dumps(data) if changed else body, usage if isinstance(usage, dict) else None
     )
+
+
+def embeddings_response(backend: Backend, body: bytes) -> Completion:
+    """Check an embeddings answer (a JSON object with a ``data`` list); the bytes go on as they
+    came."""
+    data = parse_json(backend, body)
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise UpstreamProtocolError(
+            backend.name, f"Backend '{backend.name}' sent an embeddings answer without 'data'"
+        )
+    usage = data.get("usage")
+    return Completion(body, usage if isinstance(usage, dict) else None)

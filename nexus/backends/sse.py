@@ -1,81 +1,227 @@
-"""Server-sent events: split an upstream byte stream on event boundaries, one event at a time."""
+"""Server-sent events: split an upstream byte stream on event boundaries, one event at a time.
+
+Upstream answers are bounded here: an event (or NDJSON line) may be at most ``MAX_EVENT_BYTES``
+long, and the idle timeout runs until a whole event is in, so bytes that trickle in without ever
+ending an event cannot hold a stream open.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Protocol
+
+import orjson
 
 from ..errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from ..registry import Backend
-from .http1 import ProtocolError, Response
+from .http1 import ProtocolError, Response, ResponseTooLarge
 
 DONE = b"data: [DONE]\n\n"
+MAX_EVENT_BYTES = 1024 * 1024
 
 
-def is_done(event: bytes) -> bool:
-    """True for the ``data: [DONE]`` terminator (with or without the space)."""
-    return event.startswith(b"data:") and event[5:].strip() == b"[DONE]"
+def is_done(item: bytes) -> bool:
+    """True when ``item`` (one event, or events that came together) ends with the ``data: [DONE]``
+    terminator (with or without the space)."""
+    tail = max(0, len(item) - 24)
+    if item.find(b"[DONE]", tail) < 0:  # the usual case, decided without a copy
+        return False
+    start = item.rfind(b"data:", tail)
+    if start < 0 or (start > 0 and item[start - 2 : start] != b"\n\n"):
+        return False
+    return item[start + 5 :].strip() == b"[DONE]"
+
+
+_FIELDS = frozenset({b"data", b"event", b"id", b"retry"})
+
+
+def opens_chunks(item: bytes) -> bool | None:
+    """Whether ``item`` (the first events of a stream) opens a stream of OpenAI chunks: True at a
+    first ``data`` field that holds a JSON object or ``[DONE]``; False at anything that is not such
+    SSE (a JSON body, an HTML page, junk); None while it holds only comments and other fields
+    (a keep-alive before the first chunk: the next events decide). Checked once per stream."""
+    lines = item.split(b"\n")
+    for index, line in enumerate(lines):
+        if not line or line.startswith(b":"):
+            continue
+        field, colon, value = line.partition(b":")
+        if not colon or field not in _FIELDS:
+            return False
+        if field != b"data":
+            continue
+        data = [value.removeprefix(b" ")]
+        for more in lines[index + 1 :]:  # a value may span several data lines (joined by LF)
+            if not more.startswith(b"data:"):
+                break
+            data.append(more[5:].removeprefix(b" "))
+        payload = b"\n".join(data)
+        if payload.strip() == b"[DONE]":
+            return True
+        try:
+            return isinstance(orjson.loads(payload), dict)
+        except orjson.JSONDecodeError:
+            return False
+    return None
+
+
+def event_too_large(limit: int) -> ProtocolError:
+    return ProtocolError(f"an event is longer than {limit} bytes")
+
+
+class EventSplitter:
+    """Cuts bytes, however they were read, into SSE events that each end in a blank line.
+
+    Line ends may be CRLF, LF or a lone CR (the SSE spec allows all three); they become LF, also
+    when a CRLF's two bytes arrive in different reads. Nothing else is re-encoded.
+    """
+
+    def __init__(self, limit: int = MAX_EVENT_BYTES) -> None:
+        self._buffer = b""
+        self._after_cr = False  # the last read ended in CR: an LF opening the next one is its pair
+        self._limit = limit
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if not data:
+            return []
+        if self._after_cr and data[0] == 10:
+            data = data[1:]
+        self._after_cr = False
+        if b"\r" in data:
+            self._after_cr = data.endswith(b"\r")
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buffer = self._buffer + data if self._buffer else data
+        events = []
+        start, size = 0, len(buffer)
+        while True:
+            while start < size and buffer[start] == 10:  # blank lines between events
+                start += 1
+            end = buffer.find(b"\n\n", start)
+            if end < 0:
+                break
+            if end + 2 - start > self._limit:
+                raise event_too_large(self._limit)
+            events.append(buffer[start : end + 2])
+            start = end + 2
+        self._buffer = buffer[start:] if start else buffer
+        if len(self._buffer) > self._limit:
+            raise event_too_large(self._limit)
+        return events
+
+    def tail(self) -> bytes | None:
+        """What is left when the stream ends, as a last event (the upstream omitted the blank
+        line after it); None when nothing is."""
+        rest, self._buffer = self._buffer.strip(), b""
+        return rest + b"\n\n" if rest else None
+
+
+class LineSplitter:
+    """Cuts bytes into non-blank lines (NDJSON), without their line ends."""
+
+    def __init__(self, limit: int = MAX_EVENT_BYTES) -> None:
+        self._buffer = b""
+        self._limit = limit
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buffer = self._buffer + data
+        *lines, self._buffer = buffer.split(b"\n")
+        if len(buffer) > self._limit and max(map(len, (*lines, self._buffer))) > self._limit:
+            raise event_too_large(self._limit)
+        return [line for line in lines if line.strip()]
+
+    def tail(self) -> bytes | None:
+        rest, self._buffer = self._buffer.strip(), b""
+        return rest or None
+
+
+def joined(events: list[bytes], start: int, end: int) -> bytes:
+    return events[start] if end - start == 1 else b"".join(events[start:end])
+
+
+class Splitter(Protocol):
+    def feed(self, data: bytes) -> list[bytes]: ...
 
 
 class SSEStream:
-    """Upstream SSE relayed event for event: each item is one whole event ending in a blank line.
+    """Upstream SSE relayed event for event: each item is whole events, unchanged. Events that
+    arrived in one read go on as one item (one write to the client instead of one per event);
+    ``[DONE]`` is always the end of an item, and an event that carries ``usage`` an item alone.
 
-    Bytes are not re-encoded; only CRLF line ends are normalised to LF so that events can be split.
-    Reading stops after ``[DONE]``. The response is released on exhaustion and on ``aclose``.
+    Reading stops after ``[DONE]``. On ``aclose`` a finished answer gives its connection back to
+    the pool; an unfinished one closes it.
     """
 
     def __init__(self, backend: Backend, resp: Response, idle_timeout: float) -> None:
         self._backend = backend
         self._resp = resp
         self._idle = idle_timeout
+        self._finished = False  # the answer was read to its end ([DONE] or the end of the body)
+        # The idle timeout starts after the first event; until then the caller's deadline (the
+        # request timeout, see HTTPAdapter.open_events) bounds the wait.
+        self._started = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        buffer = b""
+        splitter = EventSplitter()
         try:
-            async for chunk in self._chunks():
-                if b"\r" in chunk:
-                    chunk = chunk.replace(b"\r\n", b"\n")
-                buffer += chunk
-                while True:
-                    end = buffer.find(b"\n\n")
-                    if end < 0:
-                        break
-                    event, buffer = buffer[: end + 2], buffer[end + 2 :]
-                    if event.strip():
+            while (events := await self._next(splitter)) is not None:
+                start = 0
+                for index, event in enumerate(events):
+                    if b'"usage":{' in event:
+                        if index > start:
+                            yield joined(events, start, index)
+                        start = index + 1
                         yield event
-                        if is_done(event):
-                            return
-            tail = buffer.strip()
-            if tail:  # the upstream closed without the final blank line
-                yield tail + b"\n\n"
+                    elif is_done(event):
+                        self._finished = True  # before the yield: the reader stops at [DONE]
+                        yield joined(events, start, index + 1)
+                        return
+                if start < len(events):
+                    yield joined(events, start, len(events))
+            self._finished = True
+            tail = splitter.tail()
+            if tail is not None:
+                yield tail
         finally:
             await self.aclose()
 
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        """Body pieces as they arrive; what came before a failure is still handed over."""
+    async def _next(self, splitter: Splitter) -> list[bytes] | None:
+        """The next whole events (one or more), or None at the end of the body. The idle timeout
+        runs until an event is complete: bytes that do not end one do not reset it."""
         name = self._backend.name
-        chunks = self._resp.iter_chunks()
-        while True:
-            try:
-                async with asyncio.timeout(self._idle):
-                    chunk = await anext(chunks)
-            except StopAsyncIteration:
-                return
-            except TimeoutError as exc:
-                raise UpstreamTimeout(
-                    name, f"Backend '{name}' sent nothing for {self._idle:g}s during the stream"
-                ) from exc
-            except ProtocolError as exc:
-                raise UpstreamProtocolError(
-                    name, f"Backend '{name}' broke the stream: {exc}"
-                ) from exc
-            except OSError as exc:
-                raise UpstreamUnavailable(
-                    name, f"Backend '{name}' broke off the stream: {exc}"
-                ) from exc
-            yield chunk
+        try:
+            if not self._started:
+                return await self._read(splitter)
+            async with asyncio.timeout(self._idle):
+                return await self._read(splitter)
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                name, f"Backend '{name}' sent no whole event for {self._idle:g}s during the stream"
+            ) from exc
+        except ResponseTooLarge as exc:
+            raise UpstreamProtocolError(
+                name, f"Backend '{name}' sent more than [server] max_response_bytes: {exc}"
+            ) from exc
+        except ProtocolError as exc:
+            raise UpstreamProtocolError(name, f"Backend '{name}' broke the stream: {exc}") from exc
+        except OSError as exc:
+            raise UpstreamUnavailable(
+                name, f"Backend '{name}' broke off the stream: {exc}"
+            ) from exc
+
+    async def _read(self, splitter: Splitter) -> list[bytes] | None:
+        resp = self._resp
+        while (chunk := await resp.next_chunk()) is not None:
+            events = splitter.feed(chunk)
+            if events:
+                self._started = True
+                return events
+        return None
 
     async def aclose(self) -> None:
         # An unfinished answer is abandoned by closing its connection: that is what tells the
-        # backend to stop generating. A finished one gives its connection back to the pool.
-        self._resp.close()
+        # backend to stop generating. A finished one gives its connection back to the pool, once
+        # the few bytes that may still end the HTTP response are in.
+        if self._finished:
+            self._resp.release(drain=True)
+        else:
+            self._resp.close()

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import orjson
 from starlette.routing import BaseRoute, Route, WebSocketRoute
@@ -45,6 +45,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from .. import __version__
 from ..api.admin import stats_of
 from ..api.backends import backend_view
+from ..api.guard import same_origin as is_same_origin
 from ..api.openai import gateway_of, model_list
 from ..errors import NotFound
 from ..gateway import Gateway
@@ -366,13 +367,13 @@ async def _until_disconnect(websocket: WebSocket) -> None:
 
 
 def same_origin(scope: Scope) -> bool:
-    """No Origin (not a browser) or the page's own host; a page elsewhere may not listen in."""
+    """No Origin (not a browser) or the page's own origin, scheme, host and port alike; a page
+    elsewhere may not listen in. (The app's guard checks this too; the feed does not rely on it.)"""
     headers: dict[bytes, bytes] = dict(scope["headers"])
     origin = headers.get(b"origin")
     if origin is None:
         return True
-    host = headers.get(b"host", b"").decode("latin-1").lower()
-    return urlsplit(origin.decode("latin-1")).netloc.lower() == host
+    return is_same_origin(origin, scope.get("scheme", "ws"), headers.get(b"host"))
 
 
 def _peer(scope: Scope) -> str:

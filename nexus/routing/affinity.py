@@ -26,17 +26,31 @@ def affinity_keys(model: str, messages: Sequence[Any]) -> list[int]:
             break
         leading.append(message)
         if message.get("role") in ("system", "developer"):
-            content = message.get("content")
-            system_chars += len(content) if isinstance(content, str) else len(str(content))
+            system_chars += _text_chars(message.get("content"))
             continue
         break  # the first user (or other) message closes the conversation's identity
     if not leading:
         return []
-    keys = [hash((model, orjson.dumps(leading)))]
-    system = [m for m in leading if m.get("role") in ("system", "developer")]
-    if system and system_chars >= LONG_PROMPT_CHARS and len(system) < len(leading):
-        keys.append(hash((model, orjson.dumps(system))))
+    try:
+        keys = [hash((model, orjson.dumps(leading)))]
+        system = [m for m in leading if m.get("role") in ("system", "developer")]
+        if system and system_chars >= LONG_PROMPT_CHARS and len(system) < len(leading):
+            keys.append(hash((model, orjson.dumps(system))))
+    except orjson.JSONEncodeError:  # nested past what orjson writes: no affinity, not a crash
+        return []
     return keys
+
+
+def _text_chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(
+            len(p["text"])
+            for p in content
+            if isinstance(p, Mapping) and isinstance(p.get("text"), str)
+        )
+    return 0
 
 
 class AffinityTable:

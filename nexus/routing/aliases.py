@@ -16,3 +16,14 @@ def resolve(model: str, aliases: Mapping[str, str]) -> str:
             break
         current = target
     return current
+
+
+def alias_chain(model: str, aliases: Mapping[str, str]) -> list[str]:
+    """Every name a request goes by: the one asked for, each alias hop, the model it resolves to."""
+    names = [model]
+    for _ in range(MAX_ALIAS_HOPS):
+        target = aliases.get(names[-1])
+        if target is None:
+            break
+        names.append(target)
+    return names

@@ -22,7 +22,7 @@ from ..config import QualitySettings, RoutingSettings
 from ..errors import NO_BACKENDS_HINT, ModelNotFound, NoHealthyBackend, ServiceUnavailable
 from ..registry import Backend, Registry
 from .affinity import AffinityTable
-from .aliases import resolve
+from .aliases import alias_chain, resolve
 from .policy import Policies, Rule
 from .quality import QualityTracker
 from .requirements import Requirements
@@ -123,16 +123,19 @@ class Router:
         """Raises ModelNotFound (nobody lists it), NoHealthyBackend (all excluded, none busy)
         or ServiceUnavailable (no backends at all); a saturated plan has no steps."""
         routing = self.routing
-        resolved = resolve(request.model, routing.aliases)
-        rule = self._rule(request.model, resolved)
+        names = alias_chain(request.model, routing.aliases)
+        resolved = names[-1]
+        rule = self.policies.strictest(names)  # an alias cannot lift its target's policy
         plan = Plan(request.model, resolved, restricted=bool(rule and rule.restricted))
         plan.required_tier = rule.min_tier if rule else None
         now = self.clock()
         known = self._add(plan, request, resolved, None, now)
         fallbacks = routing.fallbacks.get(resolved) or routing.fallbacks.get(request.model) or []
         for name in fallbacks:
-            target = resolve(name, routing.aliases)
-            known = self._add(plan, request, target, target, now) or known
+            chain = alias_chain(name, routing.aliases)
+            target = chain[-1]
+            own = self.policies.strictest(chain)
+            known = self._add(plan, request, target, target, now, own) or known
         if plan.steps or plan.saturated:
             return plan
         if not known:
@@ -152,17 +155,20 @@ class Router:
         if self.routing.affinity and request.affinity_keys:
             self.affinity.remember(request.affinity_keys, backend, self.clock())
 
-    def _rule(self, requested: str, resolved: str) -> Rule | None:
-        return self.policies.match(requested) or self.policies.match(resolved)
-
     def _add(
-        self, plan: Plan, request: RouteRequest, model: str, fallback: str | None, now: float
+        self,
+        plan: Plan,
+        request: RouteRequest,
+        model: str,
+        fallback: str | None,
+        now: float,
+        rule: Rule | None = None,
     ) -> bool:
-        """Append the steps for ``model``; True when any backend at all lists it."""
+        """Append the steps for ``model``; True when any backend at all lists it. A fallback's
+        own ``rule`` applies on top of the request's."""
         backends = self.registry.backends_for(model)
         if not backends:
             return False
-        rule = self._rule(model, model) if fallback is not None else None
         restricted = plan.restricted or bool(rule and rule.restricted)
         tier = max(
             filter(None, (plan.required_tier, rule.min_tier if rule else None)), default=None

@@ -1,11 +1,16 @@
 """Traffic policies: the first ``model_pattern`` glob that matches a model decides its privacy
-requirement and minimum tier. Compiled once at start-up; a bad policy stops start-up."""
+requirement and minimum tier. Compiled once at start-up; a bad policy stops start-up.
+
+A request known by several names (an alias, its hops, the model it resolves to) gets the strictest
+of each name's policy: restricted if any of them is, the highest minimum tier of any. So an alias
+can neither lift its target's restriction nor be used to lower its tier, and a policy written for
+an alias holds for what it names."""
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..config import TrafficPolicy
@@ -28,6 +33,25 @@ class Policies:
             if rule.regex.match(model):
                 return rule
         return None
+
+    def strictest(self, names: Iterable[str]) -> Rule | None:
+        """Each name's matching rule, combined taking the strictest of each requirement."""
+        if not self.rules:
+            return None
+        found: list[Rule] = []
+        for name in names:
+            rule = self.match(name)
+            if rule is not None and rule not in found:
+                found.append(rule)
+        if len(found) < 2:
+            return found[0] if found else None
+        tiers = [rule.min_tier for rule in found if rule.min_tier is not None]
+        return Rule(
+            " + ".join(rule.pattern for rule in found),
+            found[0].regex,
+            any(rule.restricted for rule in found),
+            max(tiers) if tiers else None,
+        )
 
 
 def compile_rule(policy: TrafficPolicy) -> Rule:

@@ -55,7 +55,20 @@ def chat_requirements(body: Mapping[str, Any], headers: Mapping[str, str]) -> Re
 
 
 def embedding_requirements(body: Mapping[str, Any]) -> Requirements:
+    """Each input of a batch is embedded on its own: the context must fit the longest one, not
+    their sum. An input is a string, or a list of token ids (counted exactly)."""
     value = body.get("input")
-    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-    chars = sum(len(item) for item in items if isinstance(item, str))
-    return Requirements(estimated_tokens=chars // CHARS_PER_TOKEN)
+    if isinstance(value, str) or (isinstance(value, list) and value and _is_tokens(value)):
+        return Requirements(estimated_tokens=_tokens(value))
+    items = value if isinstance(value, list) else ()
+    return Requirements(estimated_tokens=max(map(_tokens, items), default=0))
+
+
+def _is_tokens(value: list[Any]) -> bool:
+    return isinstance(value[0], int)
+
+
+def _tokens(item: Any) -> int:
+    if isinstance(item, str):
+        return len(item) // CHARS_PER_TOKEN
+    return len(item) if isinstance(item, list) else 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import queue
+import re
 import sys
 import time
 from typing import Any
@@ -37,6 +38,37 @@ class JSONFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+# C0 and C1 controls (ESC and CSI start terminal sequences), DEL, and the Unicode line breaks.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or char.encode(
+        "unicode_escape"
+    ).decode("ascii")
+
+
+class EscapingFormatter(logging.Formatter):
+    """The message of a pretty line, made safe: control characters in it (a client's model
+    name or path among its arguments) are escaped, so that no one can forge a log line or
+    drive the terminal. A traceback keeps its lines, each indented: none starts like a record.
+    It runs in the queue handler, before the traceback is joined to the message."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _UNSAFE.sub(_escape, super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(stack_info)
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + _UNSAFE.sub(_escape, line) for line in text.split("\n"))
+
+
 def level_of(name: str) -> int:
     return _LEVELS.get(name.lower(), logging.getLevelName(name.upper()))  # type: ignore[no-any-return]
 
@@ -53,6 +85,8 @@ def configure_logging(settings: LoggingSettings) -> logging.handlers.QueueListen
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(records, stream, respect_handler_level=False)
     handler = logging.handlers.QueueHandler(records)
+    if settings.format != "json":
+        handler.setFormatter(EscapingFormatter())
     for name in ("nexus", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers = [handler]

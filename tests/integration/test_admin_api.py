@@ -40,7 +40,7 @@ def in_process(
 
     async def call() -> httpx2.Response:
         transport = httpx2.ASGITransport(app=nexus.app, client=client)
-        async with httpx2.AsyncClient(transport=transport, base_url="http://nexus.test") as http:
+        async with httpx2.AsyncClient(transport=transport, base_url="http://localhost") as http:
             resp = await http.request(method, path, **kwargs)
             await resp.aread()
             return resp
@@ -142,6 +142,9 @@ def test_duplicate_name_is_400(nexus, fake, client):
         ({"name": "x", "type": "vllm"}, ["url"]),
         ({"url": "http://127.0.0.1:9", "type": "vllm"}, ["name", "missing"]),
         ({"name": "x", "url": "http://127.0.0.1:9", "type": "vllm", "tier": 9}, ["tier"]),
+        # names go into response headers: no control characters, bounded
+        ({"name": "bad\r\nX-Evil: 1", "url": "http://127.0.0.1:9", "type": "vllm"}, ["name"]),
+        ({"name": "n" * 65, "url": "http://127.0.0.1:9", "type": "vllm"}, ["64"]),
         (
             {
                 "name": "x",
@@ -212,7 +215,11 @@ def test_right_key_adds_and_removes(keyed, fake, client):
 
 
 def test_the_key_is_checked_before_the_body(keyed, client):
-    resp = client.post(f"{keyed.url}/admin/backends", content=b"not json")
+    resp = client.post(
+        f"{keyed.url}/admin/backends",
+        content=b"not json",
+        headers={"Content-Type": "application/json"},
+    )
     error_of(resp, 401)
 
 

@@ -14,6 +14,7 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 from nexus.registry import Status
 from tests.fakes import FakeOllama, FakeOpenAI
 from tests.harness import LoopThread, settings_for, wait_for
+from tests.integration.test_routing import HOLD, GatedOpenAI, InBackground
 
 LOOPBACK = ["127.0.0.1"]
 CHAT = "/v1/chat/completions"
@@ -241,3 +242,40 @@ def test_without_multicast_nexus_warns_and_keeps_serving(
     server = start_nexus(discovering(("static", fake, "vllm")))
     assert client.get(server.url + "/v1/models").status_code == 200
     assert any("mDNS is unavailable" in r.getMessage() for r in caplog.records)
+
+
+def test_a_backend_found_on_mdns_serves_the_queue_at_once(
+    start_fake, start_nexus, announcer, client
+):
+    busy = start_fake(GatedOpenAI())
+    found = start_fake(FakeOpenAI())
+    nexus = start_nexus(
+        settings_for(
+            backends=[{"name": "busy", "url": busy.url, "type": "vllm", "max_concurrent": 1}],
+            discovery=discovering().discovery.model_dump(),
+            queue={"max_wait_seconds": 10},
+        )
+    )
+    body = {"model": "mock-model", "messages": [{"role": "user", "content": f"hold {HOLD}"}]}
+    try:
+        held = InBackground(lambda http: http.post(nexus.url + CHAT, json=body))
+        assert wait_for(lambda: nexus.gateway.registry.get("busy").in_flight == 1)
+        queued = {"model": "mock-model", "messages": [{"role": "user", "content": "waits"}]}
+        waiting = InBackground(lambda http: http.post(nexus.url + CHAT, json=queued))
+        assert wait_for(lambda: nexus.gateway.dispatcher.queue.depth == 1)
+
+        announcer.announce("_llm._tcp.local.", "found", found.port, type="vllm")
+
+        resp = waiting.result()
+        assert resp.status_code == 200 and resp.headers["x-nexus-backend"] == "found"
+        assert nexus.gateway.registry.get("busy").in_flight == 1
+    finally:
+        busy.release.set()
+    assert held.result().status_code == 200
+
+
+def test_an_instance_name_unfit_for_a_header_is_made_fit(start_fake, start_nexus, announcer):
+    fake = start_fake(FakeOllama(models=["m:latest"]))
+    nexus = start_nexus(discovering())
+    announcer.announce("_ollama._tcp.local.", "Küche/GPU (2)", fake.port)
+    assert wait_for(lambda: nexus.gateway.registry.get("Kuche-GPU -2-") is not None, timeout=15)

@@ -6,6 +6,7 @@ import array
 import base64
 from typing import Any
 
+import openai
 import orjson
 
 from tests.fakes import FakeOllama, Reply
@@ -409,6 +410,57 @@ def test_stream_tool_calls_are_translated(start_fake, start_nexus, client):
     assert finishes == ["tool_calls"]
 
 
+def test_stream_with_two_tool_calls_keeps_them_apart(start_fake, start_nexus, client):
+    # Ollama streams each tool call in a line of its own; OpenAI clients merge the deltas of
+    # one index, so the second call must get index 1, not a second index 0.
+    fake = start_fake(FakeOllama())
+    lines = []
+    for name, city in (("get_weather", "Oslo"), ("get_time", "Lima")):
+        line = ollama_line("")
+        line["message"]["tool_calls"] = [{"function": {"name": name, "arguments": {"city": city}}}]
+        lines.append(line)
+    events = ndjson(*lines, ollama_line("", True, done_reason="stop"))
+    fake.push("/api/chat", Reply(events=events, content_type="application/x-ndjson"))
+    nexus = start_nexus(settings_for(("ollama-1", fake, "ollama")))
+
+    _, seen = stream(client, nexus.url)
+
+    chunks = [orjson.loads(e) for e in seen[:-1]]
+    calls = [
+        tc for c in chunks for ch in c["choices"] for tc in ch["delta"].get("tool_calls") or ()
+    ]
+    assert [(c["index"], c["function"]["name"]) for c in calls] == [
+        (0, "get_weather"),
+        (1, "get_time"),
+    ]
+    assert len({c["id"] for c in calls}) == 2
+    finishes = [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]]
+    assert finishes == ["tool_calls"]
+
+
+def test_two_streamed_tool_calls_reach_the_openai_sdk_as_two(start_fake, start_nexus):
+    fake = start_fake(FakeOllama())
+    lines = []
+    for name in ("get_weather", "get_time"):
+        line = ollama_line("")
+        line["message"]["tool_calls"] = [{"function": {"name": name, "arguments": {"x": 1}}}]
+        lines.append(line)
+    events = ndjson(*lines, ollama_line("", True, done_reason="stop"))
+    fake.push("/api/chat", Reply(events=events, content_type="application/x-ndjson"))
+    nexus = start_nexus(settings_for(("ollama-1", fake, "ollama")))
+    sdk = openai.OpenAI(base_url=nexus.url + "/v1", api_key="unused", max_retries=0)
+
+    messages: list[Any] = list(USER)
+    with sdk.chat.completions.stream(model="llama3.2", messages=messages) as stream_:
+        final = stream_.get_final_completion()
+
+    calls = final.choices[0].message.tool_calls or []
+    assert [(c.function.name, c.function.arguments) for c in calls] == [
+        ("get_weather", '{"x":1}'),
+        ("get_time", '{"x":1}'),
+    ]
+
+
 def test_error_line_mid_stream_becomes_error_event_then_done(start_fake, start_nexus, client):
     fake = start_fake(FakeOllama())
     events = ndjson(ollama_line("Hel"), {"error": "model runner has unexpectedly stopped"})
@@ -484,3 +536,21 @@ def test_embeddings_single_string_and_base64(start_fake, start_nexus, client):
     encoded = resp.json()["data"][0]["embedding"]
     assert isinstance(encoded, str)
     assert array.array("f", base64.b64decode(encoded)).tolist() == [0.5, -0.5, 0.0]
+
+
+def test_embeddings_batch_is_checked_against_the_context_per_input(start_fake, start_nexus, client):
+    # 20 inputs of ~25 tokens each for a 50-token model: each fits, their sum would not.
+    fake = start_fake(
+        FakeOllama(["nomic-embed-text:latest"], capabilities=["embedding"], context_length=50)
+    )
+    nexus = start_nexus(settings_for(("ollama-1", fake, "ollama")))
+    url = f"{nexus.url}/v1/embeddings"
+
+    batch = client.post(url, json={"model": "nomic-embed-text", "input": ["x" * 100] * 20})
+    assert batch.status_code == 200, batch.text
+    assert len(batch.json()["data"]) == 20
+
+    too_long = client.post(url, json={"model": "nomic-embed-text", "input": ["short", "x" * 400]})
+    assert too_long.status_code == 503, too_long.text
+    assert "context_length" in too_long.text
+    assert len(fake.calls("/api/embed")) == 1

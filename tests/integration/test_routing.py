@@ -700,6 +700,136 @@ def test_without_the_queue_saturation_is_503_at_once(gated, start_nexus, client)
     assert reason(held.result()) == "only-candidate"
 
 
+# --- 5b. the queue and capacity that comes back -----------------------------------------------
+
+
+class GatedOllama(FakeOllama):
+    """GatedOpenAI's gate on Ollama's /api/chat, with the capabilities /api/show reports."""
+
+    def __init__(self, capabilities: list[str]) -> None:
+        super().__init__(capabilities=capabilities)
+        self.release = threading.Event()
+
+    async def _answer(self, request: web.Request, reply: Reply) -> web.StreamResponse:
+        raw = await request.read()
+        if request.path == OLLAMA_CHAT and HOLD.encode() in raw:
+            await asyncio.to_thread(self.release.wait, 60)  # the test's gate (bounded)
+        return await super()._answer(request, reply)
+
+
+@pytest.fixture
+def text_and_vision(start_fake: Callable[[FakeUpstream], Any], start_nexus: Any) -> Iterator[Any]:
+    """Nexus with two one-slot Ollama backends for one model: "text" (preferred) and "eyes"
+    (vision too). Yields (nexus, text, eyes); their gates are opened at the end."""
+    text: GatedOllama = start_fake(GatedOllama(["completion"]))
+    eyes: GatedOllama = start_fake(GatedOllama(["completion", "vision"]))
+    nexus = start_nexus(
+        settings_for(
+            backends=[
+                backend("text", text.url, 1, kind="ollama", max_concurrent=1),
+                backend("eyes", eyes.url, 90, kind="ollama", max_concurrent=1),
+            ],
+            queue={"max_wait_seconds": 5},  # long enough to be served, short enough to fail
+        )
+    )
+    yield nexus, text, eyes
+    text.release.set()
+    eyes.release.set()
+
+
+MODEL = "llama3.2:latest"
+
+
+def held_on(nexus: NexusServer, name: str, messages: Messages) -> InBackground:
+    held = InBackground(lambda http: post(http, nexus, messages, model=MODEL))
+    assert wait_for(lambda: state(nexus, name).in_flight == 1), f"{name} was not taken"
+    return held
+
+
+def vision_held() -> Messages:
+    message = image_message()
+    message[0]["content"][0]["text"] += f" {HOLD}"
+    return message
+
+
+def test_a_text_request_does_not_wait_behind_a_vision_request_when_text_is_free(
+    text_and_vision, client
+):
+    nexus, text, eyes = text_and_vision
+    held = held_on(nexus, "eyes", vision_held())
+    vision = enqueue(nexus, 1, lambda http: post(http, nexus, image_message(), model=MODEL))
+
+    resp = post(client, nexus, fresh("plain text"), model=MODEL)
+
+    assert served_by(resp) == "text"
+    assert queue_of(nexus).depth == 1  # the vision request still waits for its backend
+    eyes.release.set()
+    assert served_by(held.result()) == "eyes"
+    assert served_by(vision.result()) == "eyes"
+    assert reason(vision.result()) == "queued"
+
+
+def test_a_freed_text_backend_wakes_the_text_request_not_the_vision_one_ahead(text_and_vision):
+    nexus, text, eyes = text_and_vision
+    held_text = held_on(nexus, "text", user(f"text {HOLD}"))
+    held_eyes = held_on(nexus, "eyes", vision_held())
+    vision = enqueue(nexus, 1, lambda http: post(http, nexus, image_message(), model=MODEL))
+    plain = enqueue(nexus, 2, lambda http: post(http, nexus, fresh("plain"), model=MODEL))
+
+    text.release.set()
+
+    assert served_by(held_text.result()) == "text"
+    assert served_by(plain.result()) == "text"
+    assert reason(plain.result()) == "queued"
+    assert queue_of(nexus).depth == 1 and state(nexus, "eyes").in_flight == 1
+    eyes.release.set()
+    assert served_by(held_eyes.result()) == "eyes"
+    assert served_by(vision.result()) == "eyes"
+
+
+def test_a_backend_that_recovers_serves_the_queue_at_once(gated, start_fake, start_nexus):
+    busy = gated()
+    sick = start_fake(FakeOpenAI())
+    sick.push("/v1/models", *[failing(500) for _ in range(1000)])  # down until the test clears it
+    nexus = start_nexus(
+        settings_for(
+            backends=[backend("only", busy.url, max_concurrent=1), backend("sick", sick.url)],
+            health_check={"interval_seconds": 0.1, "recovery_threshold": 1},
+            queue={"max_wait_seconds": 10},
+        )
+    )
+    assert wait_for(lambda: state(nexus, "sick").status.value == "unhealthy")
+    held = occupy(nexus, busy)
+    waiting = enqueue(nexus, 1, lambda http: post(http, nexus, user("waits")))
+
+    sick.script["/v1/models"].clear()
+
+    assert served_by(waiting.result()) == "sick"
+    assert state(nexus, "only").in_flight == 1  # not a slot freed on the busy one
+    busy.release.set()
+    held.result()
+
+
+def test_a_backend_added_through_the_admin_api_serves_the_queue_at_once(
+    gated, start_fake, start_nexus, client
+):
+    busy = gated()
+    extra = start_fake(FakeOpenAI())
+    nexus = start_nexus(one_slot(busy, max_wait_seconds=10))
+    held = occupy(nexus, busy)
+    waiting = enqueue(nexus, 1, lambda http: post(http, nexus, user("waits")))
+
+    added = client.post(
+        nexus.url + "/admin/backends", json={"name": "extra", "url": extra.url, "type": "vllm"}
+    )
+
+    assert added.status_code == 201, added.text
+    assert served_by(waiting.result()) == "extra"
+    assert state(nexus, "only").in_flight == 1
+    busy.release.set()
+    held.result()
+
+
 # --- 6. half-open recovery --------------------------------------------------------------------
 
 QUALITY = {

@@ -204,11 +204,11 @@ def test_openai_sdk_reassembles_tool_calls_from_the_stream(start_fake, start_nex
 # --- headers ----------------------------------------------------------------------------------
 
 
-def test_headers_arrive_before_the_first_event(start_fake, start_nexus, client):
-    # The upstream answers with its headers, then stays silent: Nexus must not wait for an event.
-    fake, nexus = one_backend(
-        start_fake, start_nexus, Reply(events=text_stream(["never sent"]), hang_after=0)
-    )
+def test_headers_arrive_with_the_first_event(start_fake, start_nexus, client):
+    # The upstream sends one event, then stays silent: the headers must not wait for more.
+    # (Before its first event a stream is not committed: see test_stream_commit.py.)
+    events = text_stream(["first", "never sent"])
+    fake, nexus = one_backend(start_fake, start_nexus, Reply(events=events, hang_after=1))
 
     with client.stream("POST", nexus.url + CHAT, json=STREAM_BODY, timeout=GUARD) as resp:
         assert resp.status_code == 200
@@ -240,17 +240,26 @@ def test_idle_timeout_ends_a_stalled_stream_with_error_then_done(start_fake, sta
     assert wait_for(lambda: nexus.gateway.registry.get("vllm-1").in_flight == 0)
 
 
-def test_idle_timeout_applies_to_silence_at_the_start_too(start_fake, start_nexus, client):
+def test_silence_before_the_first_event_is_bounded_by_the_request_timeout(
+    start_fake, start_nexus, client
+):
+    # Headers, then nothing: the stream has not started, so with no other backend to try the
+    # client gets a 504 envelope, not a started stream. The idle timeout (far longer here)
+    # counts only after the first event.
     fake, nexus = one_backend(
         start_fake,
         start_nexus,
         Reply(events=text_stream(["x"]), hang_after=0),
-        server={"stream_idle_timeout_seconds": 0.5},
+        server={"request_timeout_seconds": 0.5, "stream_idle_timeout_seconds": 60},
     )
 
-    resp = stream_all(client, nexus.url)
+    resp = client.post(nexus.url + CHAT, json=STREAM_BODY, timeout=GUARD)
 
-    assert_error_then_done(split_events(resp.content), [])
+    assert resp.status_code == 504
+    assert resp.headers["content-type"].startswith("application/json")
+    assert resp.json()["error"]["code"] == "gateway_timeout"
+    assert fake.wait_disconnect(timeout=5.0)
+    assert wait_for(lambda: nexus.gateway.registry.get("vllm-1").in_flight == 0)
 
 
 def test_idle_timeout_is_not_a_total_timeout(start_fake, start_nexus, client):
@@ -304,22 +313,18 @@ def test_events_that_arrived_just_before_a_drop_are_not_lost(start_fake, start_n
 # --- the client leaves -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("after", [1, 0], ids=["after-first-event", "before-any-event"])
-def test_client_disconnect_closes_upstream_and_releases_in_flight(
-    start_fake, start_nexus, client, after
-):
+def test_client_disconnect_closes_upstream_and_releases_in_flight(start_fake, start_nexus, client):
     events = text_stream(["first", "never"])
-    fake, nexus = one_backend(start_fake, start_nexus, Reply(events=events, hang_after=after))
+    fake, nexus = one_backend(start_fake, start_nexus, Reply(events=events, hang_after=1))
     backend = nexus.gateway.registry.get("vllm-1")
 
     with client.stream("POST", nexus.url + CHAT, json=STREAM_BODY, timeout=GUARD) as resp:
         assert resp.status_code == 200
         received = b""
         pieces = resp.iter_raw()  # held: dropping the iterator would close the response early
-        while after and b"\n\n" not in received:
+        while b"\n\n" not in received:
             received += next(pieces)
-        if after:
-            assert split_events(received) == events[:1]
+        assert split_events(received) == events[:1]
         assert backend.in_flight == 1
     # leaving the block closes the half-read response, and with it the connection
 
@@ -327,15 +332,24 @@ def test_client_disconnect_closes_upstream_and_releases_in_flight(
     assert wait_for(lambda: backend.in_flight == 0), f"in_flight stuck at {backend.in_flight}"
 
 
-def test_client_leaving_before_upstream_headers_closes_upstream_too(start_fake, start_nexus):
-    # A long prompt: the backend has the request but has not answered yet when the client leaves.
-    fake, nexus = one_backend(
-        start_fake, start_nexus, Reply(events=text_stream(["late"]), delay=60)
-    )
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(events=text_stream(["late"]), delay=60),
+        Reply(events=text_stream(["late"]), hang_after=0),
+    ],
+    ids=["before-headers", "before-first-event"],
+)
+def test_client_leaving_before_the_stream_started_closes_upstream_too(
+    start_fake, start_nexus, reply
+):
+    # A long prompt: the backend has the request but has not sent an event yet (nor, maybe, its
+    # headers) when the client leaves; Nexus has not answered the client at all.
+    fake, nexus = one_backend(start_fake, start_nexus, reply)
     backend = nexus.gateway.registry.get("vllm-1")
     body = orjson.dumps(STREAM_BODY)
     head = (
-        f"POST {CHAT} HTTP/1.1\r\nHost: nexus\r\nContent-Type: application/json\r\n"
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
 
@@ -345,4 +359,23 @@ def test_client_leaving_before_upstream_headers_closes_upstream_too(start_fake, 
         assert backend.in_flight == 1
 
     assert fake.wait_disconnect(timeout=1.0), "upstream still open 1 s after the client left"
+    assert wait_for(lambda: backend.in_flight == 0), f"in_flight stuck at {backend.in_flight}"
+
+
+# --- accounting ---------------------------------------------------------------------------------
+
+
+def test_a_response_start_that_fails_still_releases_the_slot(start_fake, start_nexus, client):
+    # Backend names are checked at config, admin and mDNS time; this is the line behind that:
+    # whatever makes the server refuse the response's start (here a name that is not a valid
+    # header value), the backend's slot comes back. (uvicorn has committed to the response by
+    # then and can only close the connection.)
+    fake, nexus = one_backend(start_fake, start_nexus, Reply(events=text_stream(["x"])))
+    backend = nexus.gateway.registry.get("vllm-1")
+    backend.name = "bad\nname"
+
+    with pytest.raises(httpx2.RemoteProtocolError):
+        client.post(nexus.url + CHAT, json=STREAM_BODY, timeout=GUARD)
+
+    assert len(fake.calls(CHAT)) == 1
     assert wait_for(lambda: backend.in_flight == 0), f"in_flight stuck at {backend.in_flight}"

@@ -206,3 +206,18 @@ def test_api_key_is_read_from_the_named_variable():
     )
     assert settings.backends[0].api_key({"K": "sk-123"}) == "sk-123"
     assert settings.backends[0].api_key({}) is None
+
+
+@pytest.mark.parametrize("name", ["gpu-box", "local ollama", "box_2.lan:11434", "n" * 64, "a"])
+def test_backend_names_fit_for_headers_are_accepted(name):
+    entry = {"name": name, "url": "http://127.0.0.1:9", "type": "vllm"}
+    assert settings_from_dict({"backends": [entry]}).backends[0].name == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "bad\r\nX-Evil: 1", "tab\there", " lead", "trail ", "n" * 65, "Küche", "a/b"]
+)
+def test_backend_names_unfit_for_headers_stop_the_config(name):
+    entry = {"name": name, "url": "http://127.0.0.1:9", "type": "vllm"}
+    with pytest.raises(ConfigError, match=r"backends\[0\].*\.name: a backend name is"):
+        settings_from_dict({"backends": [entry]})

@@ -979,3 +979,234 @@ def test_interim_1xx_response_is_skipped(
                 await client.aclose()
 
     run(main())
+
+
+# -- bounds: idle reaping, the connection cap, the response size, draining (issue 8) ---------------
+def test_idle_connection_is_closed_after_keepalive_without_another_request(run: Run) -> None:
+    async def main() -> None:
+        eof = asyncio.Event()
+
+        async def handler(server: RawServer, reader: Reader, writer: Writer, index: int) -> None:
+            await answer_each(ok(b"x"))(server, reader, writer, index)
+            eof.set()  # the client closed the idle connection
+
+        async with RawServer(handler) as server:
+            client = HTTP1Client(keepalive_seconds=0.05)
+            try:
+                resp = await client.request("GET", server.url + "/", {})
+                assert await resp.read() == b"x"
+                assert client.open_connections == 1
+                await eof.wait()
+                assert client.open_connections == 0
+            finally:
+                await client.aclose()
+
+    run(main())
+
+
+def held_first(go: asyncio.Event) -> Handler:
+    """Keep-alive; the first answer's body is finished only once ``go`` is set."""
+
+    async def handler(server: RawServer, reader: Reader, writer: Writer, index: int) -> None:
+        first = index == 0
+        while await server.read_request(reader) is not None:
+            if first:
+                first = False
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe")
+                await writer.drain()
+                await go.wait()
+                writer.write(b"llo")
+            else:
+                writer.write(ok(b"next"))
+            await writer.drain()
+
+    return handler
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until ``condition`` holds (the test's own timeout bounds the wait)."""
+    while not condition():  # noqa: ASYNC110 (a condition on the client's internals)
+        await asyncio.sleep(0.001)
+
+
+def test_request_over_the_connection_cap_waits_and_reuses_the_freed_connection(run: Run) -> None:
+    async def main() -> None:
+        go = asyncio.Event()
+        async with RawServer(held_first(go)) as server:
+            client = HTTP1Client(max_connections=1)
+            try:
+                first = await client.request("GET", server.url + "/", {})
+                second = asyncio.create_task(client.request("GET", server.url + "/", {}))
+                await until(lambda: len(client._waiters) == 1)
+                assert not second.done()
+                go.set()
+                assert await first.read() == b"hello"
+                assert await (await second).read() == b"next"
+                assert server.accepted == 1
+                assert client.open_connections == 1
+            finally:
+                await client.aclose()
+
+    run(main())
+
+
+def test_waiting_for_a_free_connection_is_bounded_by_the_connect_timeout(run: Run) -> None:
+    async def main() -> None:
+        go = asyncio.Event()
+        async with RawServer(held_first(go)) as server:
+            client = HTTP1Client(max_connections=1, connect_timeout=0.05)
+            try:
+                first = await client.request("GET", server.url + "/", {})
+                with pytest.raises(http1.PoolExhausted, match="1 upstream connections"):
+                    await client.request("GET", server.url + "/", {})
+                assert not client._waiters
+                go.set()
+                assert await first.read() == b"hello"
+            finally:
+                await client.aclose()
+
+    run(main())
+
+
+def test_a_woken_waiter_that_leaves_passes_the_connection_on(run: Run) -> None:
+    async def main() -> None:
+        go = asyncio.Event()
+        async with RawServer(held_first(go)) as server:
+            client = HTTP1Client(max_connections=1, connect_timeout=5)
+            try:
+                first = await client.request("GET", server.url + "/", {})
+                leaving = asyncio.create_task(client.request("GET", server.url + "/", {}))
+                await until(lambda: len(client._waiters) == 1)
+                staying = asyncio.create_task(client.request("GET", server.url + "/", {}))
+                await until(lambda: len(client._waiters) == 2)
+                go.set()
+                assert await first.read() == b"hello"  # wakes ``leaving``, which has not run yet
+                leaving.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await leaving
+                assert await (await staying).read() == b"next"
+                assert server.accepted == 1
+            finally:
+                await client.aclose()
+
+    run(main())
+
+
+def test_an_idle_connection_to_another_host_is_closed_to_make_room(run: Run) -> None:
+    async def main() -> None:
+        eof = asyncio.Event()
+
+        async def handler_a(server: RawServer, reader: Reader, writer: Writer, index: int) -> None:
+            await answer_each(ok(b"a"))(server, reader, writer, index)
+            eof.set()
+
+        async with RawServer(handler_a) as a, RawServer(answer_each(ok(b"b"))) as b:
+            client = HTTP1Client(max_connections=1)
+            try:
+                assert await (await client.request("GET", a.url + "/", {})).read() == b"a"
+                assert await (await client.request("GET", b.url + "/", {})).read() == b"b"
+                await eof.wait()
+                assert client.open_connections == 1
+            finally:
+                await client.aclose()
+
+    run(main())
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_body_past_max_response_bytes_raises_after_what_fit(run: Run, framing: str) -> None:
+    async def main() -> None:
+        eof = asyncio.Event()
+        body = b"x" * 60 + b"y" * 60
+        if framing == "chunked":
+            answer = chunked(body, 60)
+        else:
+            answer = b"HTTP/1.1 200 OK\r\nContent-Length: 120\r\n\r\n" + body
+
+        async def handler(server: RawServer, reader: Reader, writer: Writer, index: int) -> None:
+            assert await server.read_request(reader) is not None
+            writer.write(answer)
+            await writer.drain()
+            await until_eof(reader)
+            eof.set()
+
+        async with RawServer(handler) as server:
+            client = HTTP1Client(max_response_bytes=100)
+            try:
+                resp = await client.request("GET", server.url + "/", {})
+                got = b""
+                with pytest.raises(http1.ResponseTooLarge):
+                    while (chunk := await resp.next_chunk()) is not None:
+                        got += chunk
+                assert got == b"x" * len(got) and len(got) <= 100
+                await eof.wait()
+                assert client.open_connections == 0
+            finally:
+                await client.aclose()
+
+    run(main())
+
+
+def tail_later(tail: asyncio.Event) -> Handler:
+    """A chunked answer whose last chunk comes only once ``tail`` is set; then keep-alive."""
+
+    async def handler(server: RawServer, reader: Reader, writer: Writer, index: int) -> None:
+        assert await server.read_request(reader) is not None
+        writer.write(chunked(b"data: [DONE]\n\n", 64)[: -len(b"0\r\n\r\n")])
+        await writer.drain()
+        await tail.wait()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await answer_each(ok(b"next"))(server, reader, writer, index)
+
+    return handler
+
+
+def test_released_before_its_end_the_connection_is_pooled_once_the_answer_ends(run: Run) -> None:
+    async def main() -> None:
+        tail = asyncio.Event()
+        async with RawServer(tail_later(tail)) as server:
+            client = HTTP1Client()
+            try:
+                resp = await client.request("GET", server.url + "/", {})
+                assert await resp.next_chunk() == b"data: [DONE]\n\n"
+                resp.release(drain=True)
+                assert client.open_connections == 1
+                tail.set()
+                await until(lambda: bool(client._idle.get(http1.Target.parse(server.url).key)))
+                again = await client.request("GET", server.url + "/", {})
+                assert await again.read() == b"next"
+                assert server.accepted == 1
+            finally:
+                await client.aclose()
+
+    run(main())
+
+
+def test_released_before_its_end_the_connection_closes_if_the_end_never_comes(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http1, "DRAIN_SECONDS", 0.05)
+
+    async def main() -> None:
+        eof = asyncio.Event()
+
+        async def handler(server: RawServer, reader: Reader, writer: Writer, index: int) -> None:
+            assert await server.read_request(reader) is not None
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            await writer.drain()
+            await until_eof(reader)
+            eof.set()
+
+        async with RawServer(handler) as server:
+            client = HTTP1Client()
+            try:
+                resp = await client.request("GET", server.url + "/", {})
+                assert await resp.next_chunk() == b"hello"
+                resp.release(drain=True)
+                await eof.wait()
+                assert client.open_connections == 0
+            finally:
+                await client.aclose()
+
+    run(main())

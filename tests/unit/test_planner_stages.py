@@ -271,6 +271,62 @@ def test_a_restricted_policy_applies_through_an_alias():
     assert plan.restricted
 
 
+def test_an_alias_with_a_lenient_policy_cannot_lift_its_targets_restriction():
+    r = router(
+        backend("local", "secret-7b"),
+        backend("cloud", "secret-7b", zone="open"),
+        aliases={"fast": "secret-7b"},
+        policies=[TrafficPolicy(model_pattern="fast"), restricted("secret-*")],
+    )
+    plan = r.plan(RouteRequest("fast"))
+    assert names(plan) == ["local"]
+    assert plan.restricted
+    assert set(excluded(plan, "privacy")) == {"cloud"}
+
+
+def test_a_policy_on_an_alias_or_one_of_its_hops_holds_for_what_it_names():
+    backends = (backend("local", "gpt-4o"), backend("cloud", "gpt-4o", zone="open"))
+    aliases = {"private": "mid", "mid": "gpt-4o"}
+    for pattern in ("private", "mid"):
+        r = router(*backends, aliases=aliases, policies=[restricted(pattern)])
+        assert names(r.plan(RouteRequest("private"))) == ["local"], pattern
+        assert sorted(names(r.plan(RouteRequest("gpt-4o")))) == ["cloud", "local"]
+
+
+def test_an_alias_gets_the_strictest_of_each_requirement():
+    r = router(
+        backend("open-t3", "big", zone="open", tier=3),
+        backend("local-t1", "big", tier=1),
+        backend("local-t3", "big", tier=3),
+        aliases={"best": "big"},
+        policies=[
+            TrafficPolicy(model_pattern="best", privacy="restricted", min_tier=1),
+            TrafficPolicy(model_pattern="big", min_tier=3),
+        ],
+    )
+    plan = r.plan(RouteRequest("best"))
+    assert names(plan) == ["local-t3"]
+    assert (plan.restricted, plan.required_tier) == (True, 3)
+    assert excluded(plan) == {
+        "open-t3": "zone 'open' but the policy for 'best' requires 'restricted'",
+        "local-t1": "tier 1 is below the required 3",
+    }
+
+
+def test_a_fallback_named_by_a_restricted_alias_stays_restricted():
+    r = router(
+        backend("big", "big", status=Status.UNHEALTHY),
+        backend("cloud", "small", zone="open", priority=1),
+        backend("local", "small", priority=90),
+        aliases={"cheap": "small"},
+        policies=[restricted("cheap")],
+        fallbacks={"big": ["cheap"]},
+    )
+    plan = r.plan(RouteRequest("big"))
+    assert [(s.backend.name, s.fallback) for s in plan.steps] == [("local", "small")]
+    assert set(excluded(plan, "privacy")) == {"cloud"}
+
+
 def test_fallbacks_of_a_restricted_model_never_use_open_zone_backends():
     r = router(
         backend("vault", "secret-big", status=Status.UNHEALTHY),

@@ -65,9 +65,17 @@ def test_legacy_functions_and_json_object_count():
     assert not chat_requirements({"tools": [], "messages": []}, {}).tools
 
 
-def test_embedding_requirements_count_all_inputs():
-    assert embedding_requirements({"input": ["aaaa", "bbbbbbbb"]}).estimated_tokens == 3
-    assert embedding_requirements({"input": "aaaaaaaa"}).estimated_tokens == 2
+def test_embedding_requirements_are_those_of_the_longest_input_not_the_sum():
+    def tokens(value: object) -> int:
+        return embedding_requirements({"input": value}).estimated_tokens
+
+    assert tokens("aaaaaaaa") == 2
+    assert tokens(["aaaa", "bbbbbbbb"]) == 2
+    assert tokens(["x" * 400] * 100) == 100  # a batch of 100 short texts
+    assert tokens([1, 2, 3, 4, 5]) == 5  # one input given as token ids
+    assert tokens([[1, 2], [1, 2, 3], [4]]) == 3  # a batch of token arrays
+    assert tokens(["abcdefgh", [1, 2, 3]]) == 3
+    assert tokens([]) == 0
 
 
 def test_priority_only_orders_by_priority_then_name():

@@ -622,14 +622,14 @@
       const [stats, backends, history, models] = await Promise.all([
         getJSON("v1/stats"),
         getJSON("v1/backends"),
-        getJSON("v1/history?limit=200"),
+        getJSON("v1/history"), // a limit past [history] max_entries would be a 400
         getJSON("v1/models"),
       ]);
       if (conn.live) return; // the socket came back meanwhile: it is ahead of this answer
       applyStats(stats);
       applyBackends(backends.data);
       applyModels(models.data);
-      for (const o of history.data || []) addRequest(o, true);
+      for (const o of (history.data || []).slice(-200)) addRequest(o, true);
       setConn("polling", "polling");
     } catch (err) {
       if (!conn.live) setConn("offline", "offline, retrying");

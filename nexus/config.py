@@ -156,6 +156,14 @@ class RoutingSettings(_Section):
     @model_validator(mode="after")
     def _check_aliases(self) -> RoutingSettings:
         validate_aliases(self.aliases)
+        # A fallback model's name goes into the X-Nexus-Fallback-Model response header.
+        for model, chain in self.fallbacks.items():
+            for name in (model, *chain):
+                if not (0 < len(name) <= MODEL_NAME_MAX and name.isascii() and name.isprintable()):
+                    raise ValueError(
+                        f"fallbacks: model name {name[:MODEL_NAME_MAX]!r} must be 1 to "
+                        f"{MODEL_NAME_MAX} printable ASCII characters (it is sent in a header)"
+                    )
         return self
 
 
@@ -216,6 +224,8 @@ class ManagedSettings(_Section):
     def model_name(self) -> str:
         return self.alias or Path(self.model).name.removesuffix(".gguf")
 
+
+MODEL_NAME_MAX = 256  # a model name a client may send, or the config may name
 
 # A backend's name goes into response headers (X-Nexus-Backend), metric labels, logs and the
 # admin API's path: letters, digits, ``. _ : -`` and inner spaces (mDNS instance names), <= 64.

@@ -11,6 +11,7 @@ from typing import Any, cast
 
 from starlette.types import Receive, Scope, Send
 
+from ..config import MODEL_NAME_MAX
 from ..errors import InvalidRequest, JSONDict
 from ..gateway import Gateway
 from .disconnect import DisconnectGuard
@@ -19,7 +20,7 @@ from .middleware import REQUEST_ID_KEY, trace_of
 from .sse import send_stream
 
 MAX_EMBEDDING_INPUTS = 2048
-MAX_MODEL_CHARS = 256
+MAX_MODEL_CHARS = MODEL_NAME_MAX
 
 
 def gateway_of(scope: Scope) -> Gateway:

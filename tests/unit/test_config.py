@@ -170,6 +170,15 @@ def test_alias_chain_of_three_hops_is_fine_and_four_is_rejected():
         settings_from_dict({"routing": {"aliases": {**three, "d": "e"}}})
 
 
+@pytest.mark.parametrize("bad", ["next\r\nX-Injected: 1", "modèle", "", "m" * 257])
+def test_fallback_model_names_are_fit_for_a_header(bad):
+    """The fallback's name is sent as X-Nexus-Fallback-Model: it must be a valid header value."""
+    with pytest.raises(ConfigError, match=r"fallbacks: model name"):
+        settings_from_dict({"routing": {"fallbacks": {"big": [bad]}}})
+    ok = {"big": ["org/model:7b-q4_K_M", "m" * 256]}
+    assert settings_from_dict({"routing": {"fallbacks": ok}}).routing.fallbacks == ok
+
+
 def test_precedence_cli_over_env_over_file_over_default(tmp_path):
     path = write(tmp_path, '[server]\nport = 9001\nhost = "127.0.0.2"\n')
     file_only = load_settings(path, environ={})

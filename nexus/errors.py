@@ -5,6 +5,7 @@
       Unauthorized                     401     authentication_error    invalid_api_key
       Forbidden                        403     permission_error        forbidden
         CrossOrigin                    403     permission_error        invalid_origin
+        CapabilityMismatch             400     invalid_request_error   capability_mismatch +context
       NotFound                         404     invalid_request_error   not_found
         ModelNotFound                  404     invalid_request_error   model_not_found
       MethodNotAllowed                 405     invalid_request_error   method_not_allowed
@@ -220,6 +221,24 @@ class NoHealthyBackend(ServiceUnavailable):
         if eta is not None:
             headers["Retry-After"] = str(max(1, math.ceil(eta)))
         return headers
+
+
+class CapabilityMismatch(NoHealthyBackend):
+    """Every backend of the model was left out for what the request needs (vision, tools, JSON
+    mode, a context long enough), healthy or not: the request, not the backends, must change, so
+    it is the client's error (400), with the same ``context`` as a 503."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "capability_mismatch"
+
+    def __init__(self, model: str, context: JSONDict) -> None:
+        super().__init__(
+            model,
+            context,
+            f"No backend serving model '{model}' can take this request: it needs what none of "
+            "them has (see context)",
+        )
 
 
 class Saturated(NoHealthyBackend):

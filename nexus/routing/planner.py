@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import QualitySettings, RoutingSettings
-from ..errors import NO_BACKENDS_HINT, ModelNotFound, NoHealthyBackend, ServiceUnavailable
+from ..errors import (
+    NO_BACKENDS_HINT,
+    CapabilityMismatch,
+    ModelNotFound,
+    NoHealthyBackend,
+    ServiceUnavailable,
+)
 from ..registry import Backend, Registry
 from .affinity import AffinityTable
 from .aliases import alias_chain, resolve
@@ -120,7 +126,8 @@ class Router:
         self.clock = clock
 
     def plan(self, request: RouteRequest) -> Plan:
-        """Raises ModelNotFound (nobody lists it), NoHealthyBackend (all excluded, none busy)
+        """Raises ModelNotFound (nobody lists it), CapabilityMismatch (all excluded for what the
+        request needs), NoHealthyBackend (all excluded otherwise, none busy)
         or ServiceUnavailable (no backends at all); a saturated plan has no steps."""
         routing = self.routing
         names = alias_chain(request.model, routing.aliases)
@@ -142,7 +149,10 @@ class Router:
             if not len(self.registry):
                 raise ServiceUnavailable(NO_BACKENDS_HINT)
             raise ModelNotFound(request.model, self.available_models())
-        raise NoHealthyBackend(request.model, plan.context(self.registry, list(fallbacks)))
+        context = plan.context(self.registry, list(fallbacks))
+        if plan.exclusions and all(e.stage == "capabilities" for e in plan.exclusions):
+            raise CapabilityMismatch(request.model, context)
+        raise NoHealthyBackend(request.model, context)
 
     def available_models(self) -> list[str]:
         models = self.registry.model_ids(healthy_only=True)

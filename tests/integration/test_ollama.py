@@ -551,6 +551,6 @@ def test_embeddings_batch_is_checked_against_the_context_per_input(start_fake, s
     assert len(batch.json()["data"]) == 20
 
     too_long = client.post(url, json={"model": "nomic-embed-text", "input": ["short", "x" * 400]})
-    assert too_long.status_code == 503, too_long.text
+    assert too_long.status_code == 400, too_long.text  # capability_mismatch: it cannot fit
     assert "context_length" in too_long.text
     assert len(fake.calls("/api/embed")) == 1

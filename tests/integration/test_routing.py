@@ -98,12 +98,18 @@ def failing(status: int = 500) -> Reply:
     return Reply(status=status, json=envelope(f"upstream {status}"))
 
 
-def rejection(resp: httpx2.Response) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A 503's JSON ``context`` and its X-Nexus-Rejection-Details (checked to agree)."""
-    assert resp.status_code == 503, resp.text
+def rejection(
+    resp: httpx2.Response, status: int = 503
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A refusal's JSON ``context`` and its X-Nexus-Rejection-Details (checked to agree): a 503,
+    or a 400 ``capability_mismatch`` when only what the request needs left every backend out."""
+    assert resp.status_code == status, resp.text
     assert resp.headers["content-type"].startswith("application/json")
     body = resp.json()
-    assert body["error"]["type"] == "service_unavailable"
+    if status == 400:
+        assert body["error"]["code"] == "capability_mismatch"
+    else:
+        assert body["error"]["type"] == "service_unavailable"
     context: dict[str, Any] = body["context"]
     details: list[dict[str, Any]] = json.loads(resp.headers["x-nexus-rejection-details"])
     assert details == context["excluded"]
@@ -483,7 +489,7 @@ def test_vision_request_goes_only_to_a_vision_model(start_fake, start_nexus, cli
     # Without any vision model the request is refused, naming the capability.
     only_plain = start_nexus(settings_for(backends=[backend("plain", plain.url, 1, kind="ollama")]))
     refused = post(client, only_plain, image_message(), model=model)
-    context, details = rejection(refused)
+    context, details = rejection(refused, 400)
     assert stages(details) == {"capabilities"}
     assert "vision" in details[0]["reason"]
     assert len(plain.calls(OLLAMA_CHAT)) == 1
@@ -530,7 +536,7 @@ def test_prompt_longer_than_the_context_is_excluded(start_fake, start_nexus, cli
 
     only_small = start_nexus(settings_for(backends=[backend("small", small.url, 1, kind="ollama")]))
     refused = post(client, only_small, long_prompt, model=model)
-    context, details = rejection(refused)
+    context, details = rejection(refused, 400)
     assert stages(details) == {"capabilities"}
     assert details[0]["backend"] == "small"
     assert "context_length" in details[0]["reason"]

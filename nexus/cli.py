@@ -124,6 +124,21 @@ def config_check(file: str) -> None:
         f"{file}: OK ({len(settings.backends)} backend(s), {len(routing.aliases)} alias(es), "
         f"{len(routing.fallbacks)} fallback chain(s), strategy {routing.strategy})"
     )
+    # Variables may be set only where the service runs: a warning here, an error at start.
+    server = settings.server
+    if server.admin_key_env and server.admin_key() is None:
+        click.echo(
+            f"warning: server.admin_key_env names {server.admin_key_env}, which is not set here; "
+            "`nexus serve` will refuse to start without it",
+            err=True,
+        )
+    for backend in settings.backends:
+        if backend.api_key_env and backend.api_key() is None:
+            click.echo(
+                f"warning: backends ({backend.name}).api_key_env names {backend.api_key_env}, "
+                "which is not set here",
+                err=True,
+            )
 
 
 def example_config() -> str:

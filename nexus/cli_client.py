@@ -24,6 +24,7 @@ from rich.text import Text
 
 from . import __version__
 from .config import ServerSettings, normalise_url
+from .redact import scrub
 
 REQUEST_TIMEOUT = 30.0  # adding a backend waits for its first probe
 DETECT_TIMEOUT = 2.0
@@ -192,7 +193,7 @@ def backend_entry(
     try:
         base = normalise_url(url)
     except ValueError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(f"{scrub(url, ())}: {exc}") from None
     note = None
     if type_ is None:
         type_ = detect_type(base)

@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from .redact import scrub
+
 MAX_ALIAS_HOPS = 3
 LOCAL_TYPES = frozenset({"ollama", "vllm", "llamacpp", "lmstudio", "exo", "generic"})
 CLOUD_TYPES = frozenset({"openai", "anthropic", "google"})
@@ -335,7 +337,8 @@ def secret(variable: str | None, environ: Mapping[str, str] | None = None) -> st
     if not variable:
         return None
     env = os.environ if environ is None else environ
-    return env.get(variable) or None
+    # Surrounding whitespace (a trailing newline from a .env file) is never part of a key.
+    return env.get(variable, "").strip() or None
 
 
 def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -363,10 +366,18 @@ def host_name(value: str) -> str:
 
 def normalise_url(value: str) -> str:
     """``http://host:port[/prefix]`` without a trailing ``/`` or ``/v1`` (adapters add paths)."""
-    parts = urlsplit(value.strip())
+    # The messages leave the URL out: the caller shows it, its password masked.
+    url = value.strip()
+    parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"'{value}' is not an http(s) URL with a host")
-    url = value.strip().rstrip("/")
+        raise ValueError("not an http(s) URL with a host")
+    if not url.isascii() or not url.isprintable() or " " in url:
+        raise ValueError("a URL has no spaces or control characters (encode them)")
+    try:
+        parts.port  # noqa: B018 (it raises for a port that is not a number in range)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+    url = url.rstrip("/")
     if url.endswith("/v1"):
         url = url[: -len("/v1")]
     return url
@@ -518,7 +529,7 @@ def _describe(err: Mapping[str, Any], data: Mapping[str, Any], sources: Mapping[
 
 def _short(value: Any, limit: int = 100) -> str:
     """A value for an error message, cut: the admin API echoes these to clients."""
-    text = repr(value)
+    text = scrub(repr(value), ())  # a refused URL may still carry a password
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -40,7 +40,7 @@ from .errors import (
 
 log = logging.getLogger("nexus.server")
 
-MAX_HEAD_BYTES = 64 * 1024  # request line and headers; a read that starts a head may add to it
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers, however many reads they come in
 FD_RESERVE = 256  # descriptors kept for logs, state, discovery and the listening sockets
 WARN_EVERY = 10.0  # seconds between two warnings that the connection cap is reached
 
@@ -79,7 +79,6 @@ class NexusHTTPProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._phase: Phase = "head"
-        self._began = False  # a request began during the current read
         self._head_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -105,7 +104,14 @@ class NexusHTTPProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
-        self._began = False
+        limit = self.limits.max_head_bytes
+        if self._phase != "body" and len(data) + self._head_bytes > limit:
+            # Rare (a large read): the head may be over the limit. Its end must come in time.
+            end = data.find(b"\r\n\r\n")
+            if end < 0 or self._head_bytes + end + 4 > limit:
+                self._phase = "head"
+                self._reject(HeadTooLarge(f"Request line and headers exceed {limit // 1024} KiB"))
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -120,11 +126,8 @@ class NexusHTTPProtocol(HttpToolsProtocol):
         if self._timer is None:
             timeout = self.limits.header_timeout if phase == "head" else self.limits.body_timeout
             self._arm(timeout)
-        if phase == "head" and not self._began:
+        if phase == "head":  # unfinished: what came so far counts (a little more, at worst)
             self._head_bytes += len(data)
-            if self._head_bytes > self.limits.max_head_bytes:
-                limit = self.limits.max_head_bytes // 1024
-                self._reject(HeadTooLarge(f"Request line and headers exceed {limit} KiB"))
 
     # --- parser callbacks (per request: the parent is called directly, a zero-argument
     # super() would cost more than the rest of each override) --------------------------
@@ -132,12 +135,16 @@ class NexusHTTPProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         HttpToolsProtocol.on_message_begin(self)
         self._phase = "head"
-        self._began = True
         self._head_bytes = 0
 
     def on_headers_complete(self) -> None:
         if self._timer is not None:
             self._cancel()
+        if self.url[:1] != b"/" and self.url != b"*":
+            # Absolute-form (``GET http://host/path``) is for proxies, and its authority would
+            # override Host: refuse it rather than let it slip past the Host check.
+            self._reject(InvalidRequest("The request target must be a path (Nexus is not a proxy)"))
+            raise _Stop
         if self.parser.should_upgrade() and self.parser.get_method() != b"GET":
             # httptools would take the body for the new protocol's bytes: refuse, do not guess.
             self._reject(
@@ -147,8 +154,11 @@ class NexusHTTPProtocol(HttpToolsProtocol):
                 )
             )
             raise _Stop
-        self._phase = "body"
+        # The phase moves on only once the request's cycle exists: the parent may still refuse
+        # the head (a URL too long), and that refusal must answer this request, not a cycle's.
         HttpToolsProtocol.on_headers_complete(self)
+        self._phase = "body"
+        self._head_bytes = 0
 
     def on_message_complete(self) -> None:
         if self._timer is not None:

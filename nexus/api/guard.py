@@ -26,7 +26,13 @@ from collections.abc import Iterable
 from starlette.types import Scope
 
 from ..config import ServerSettings, host_name
-from ..errors import CrossOrigin, MisdirectedRequest, NexusError, UnsupportedMediaType
+from ..errors import (
+    CrossOrigin,
+    InvalidRequest,
+    MisdirectedRequest,
+    NexusError,
+    UnsupportedMediaType,
+)
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -73,6 +79,8 @@ class Guard:
         has_body = False
         for name, value in scope["headers"]:
             if name == b"host":
+                if host is not None:  # which one is meant? (RFC 9112: answer 400)
+                    return InvalidRequest("The request has more than one Host header")
                 host = value
             elif name == b"origin":
                 origin = value
@@ -110,11 +118,13 @@ class Guard:
             return True
         text = host.decode("latin-1").strip().lower()
         if text.startswith("["):
-            name, bracket, _ = text[1:].partition("]")
-            if not bracket:
+            name, bracket, rest = text[1:].partition("]")
+            if not bracket or (rest and not (rest[:1] == ":" and rest[1:].isdecimal())):
                 return False
         elif text.count(":") == 1:
-            name = text.partition(":")[0]
+            name, _, port = text.partition(":")
+            if port and not port.isdecimal():  # "localhost:abc" is no Host of anybody's
+                return False
         else:
             name = text
         name = name.removesuffix(".")  # "localhost." is the same name

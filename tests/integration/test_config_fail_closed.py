@@ -53,7 +53,14 @@ def test_serve_stops_when_the_admin_key_variable_is_not_set(tmp_path):
         httpx2.get(f"http://127.0.0.1:{port}/livez", timeout=2)
 
 
-@pytest.mark.parametrize("environ", [{}, {ADMIN_VAR: ""}])
+def test_config_check_warns_of_key_variables_that_are_not_set(tmp_path):
+    path = serve_config(tmp_path, unused_url(), admin_key_env=ADMIN_VAR)
+    result = run_cli("config", "check", str(path))
+    assert result.returncode == 0, result.stderr  # the variable may be set where it runs
+    assert f"server.admin_key_env names {ADMIN_VAR}, which is not set" in result.stderr
+
+
+@pytest.mark.parametrize("environ", [{}, {ADMIN_VAR: ""}, {ADMIN_VAR: " \n"}])
 def test_create_app_refuses_a_missing_or_empty_admin_key(environ):
     settings = settings_for(server={"admin_key_env": ADMIN_VAR})
     with pytest.raises(ConfigError, match=ADMIN_VAR):

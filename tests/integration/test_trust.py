@@ -123,6 +123,25 @@ def test_rebinding_over_a_raw_socket_is_refused_and_http10_without_host_passes(n
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
 
 
+@pytest.mark.parametrize(
+    ("head", "status", "code"),
+    [
+        # two Hosts: which is meant is anybody's guess (RFC 9112 says 400)
+        (f"GET /v1/history HTTP/1.1\r\nHost: {FOREIGN}\r\nHost: localhost\r\n", 400, "invalid"),
+        # absolute-form: its authority, not Host, names the server it is meant for
+        (f"GET http://{FOREIGN}/v1/history HTTP/1.1\r\nHost: localhost\r\n", 400, "invalid"),
+        ("GET /v1/history HTTP/1.1\r\nHost: localhost:abc\r\n", 421, "invalid_host"),
+        ("GET /v1/history HTTP/1.1\r\nHost: [::1]x\r\n", 421, "invalid_host"),
+    ],
+    ids=["two-hosts", "absolute-form", "port-not-a-number", "junk-after-ipv6"],
+)
+def test_ambiguous_hosts_are_refused(nexus, head, status, code):
+    answer = raw_request(nexus.port, head + "Connection: close\r\n\r\n")
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:200]
+    assert f'"code":"{code}'.encode() in answer
+    assert b'"data"' not in answer  # no history was served
+
+
 def test_allowed_hosts_adds_names(fake, start_nexus, client):
     nexus = start_nexus(
         settings_for(("main", fake, "vllm"), server={"allowed_hosts": ["Nexus.LAN"]})
@@ -423,6 +442,25 @@ def test_the_clients_authorization_goes_only_to_backends_the_user_added(
 
 
 # --- secrets are never shown -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"ftp://bob:{PASSWORD}@127.0.0.1:1",
+        f"http://bob:{PASSWORD}@127.0.0.1:1 x",
+        f"http://bob:{PASSWORD}@127.0.0.1:99999",
+        f"http://bob:{PASSWORD}@",
+    ],
+)
+def test_a_refused_backend_url_is_never_echoed_with_its_password(nexus, client, url):
+    resp = client.post(
+        nexus.url + "/admin/backends", json={"name": "b", "url": url, "type": "vllm"}
+    )
+    error = envelope(resp, 400, "invalid_request_error")
+    assert PASSWORD not in resp.text
+    assert "bob:***@" in error["message"]
+    assert names(nexus) == ["main"]
 
 
 def test_url_passwords_and_echoed_keys_are_redacted_everywhere(

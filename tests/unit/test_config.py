@@ -36,7 +36,7 @@ def test_the_example_config_loads_cleanly(tmp_path):
     settings = load_settings(write(tmp_path, example_config()), environ={})
     assert [b.name for b in settings.backends] == ["local-ollama", "local-llamacpp"]
     assert settings.routing.aliases["fast"] == "gpt-4"
-    assert settings.discovery.interfaces == ["127.0.0.1"]
+    assert settings.discovery.interfaces == Settings().discovery.interfaces  # the default shown
 
 
 def test_rust_nexus_keys_are_accepted(tmp_path):

@@ -351,6 +351,11 @@ def _usage_of(event: bytes) -> object:
     return chunk.get("usage") if isinstance(chunk, dict) else None
 
 
+def stream_failure(exc: NexusError) -> bytes:
+    """The last bytes of a stream that fails: its error event, then ``[DONE]``."""
+    return error_event(exc) + DONE
+
+
 def error_event(exc: NexusError) -> bytes:
     """A mid-stream failure as one SSE event carrying an OpenAI error envelope."""
     return b"data: " + orjson.dumps(exc.envelope()) + b"\n\n"

@@ -11,6 +11,8 @@ own work); their errors are rendered by the same envelope code. Everything else 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -22,7 +24,7 @@ from starlette.datastructures import State
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import InternalError, NexusError
+from ..errors import InternalError, NexusError, ServiceUnavailable
 from ..telemetry.outcomes import Outcome, Trace, outcome_of
 from .guard import Guard
 from .http import ClientGone, send_json
@@ -81,6 +83,15 @@ class GatewayMiddleware:
             await handler(scope, receive, send_with_id)
         except ClientGone:
             trace.error_type = "client_gone"
+        except asyncio.CancelledError:
+            # Only the server cancels a request from outside (a client that left is handled by
+            # the handler's own guard): the shutdown wait ran out. Said once, not as a traceback.
+            log.info("POST %s cancelled: Nexus is shutting down", scope["path"])
+            trace.error_type = "shutdown"
+            if not start:
+                error = ServiceUnavailable("Nexus is shutting down; retry against a running Nexus")
+                with contextlib.suppress(Exception):
+                    await send_json(send_with_id, 503, error.body())
         except NexusError as exc:
             trace.error_type = exc.error_type
             await send_json(send_with_id, exc.status_code, exc.body(), _encode(exc.headers()))

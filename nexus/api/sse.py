@@ -6,10 +6,16 @@ wherever it waits, and the relay's clean-up closes the upstream and releases the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from starlette.types import Send
 
-from ..dispatch import StreamResult
+from ..dispatch import StreamResult, stream_failure
+from ..errors import ServiceUnavailable
 from .http import ClientGone
+
+SHUTTING_DOWN = "Nexus is shutting down; the stream was cut short (retry against a running Nexus)"
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -49,5 +55,13 @@ async def send_stream(send: Send, result: StreamResult) -> None:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
     except OSError:  # servers other than uvicorn raise when writing to a closed connection
         raise ClientGone from None
+    except asyncio.CancelledError:
+        # Cancelled from outside: the server's shutdown wait ran out (a client that left is gone
+        # already, and the body below is then dropped). End the stream as a failure, not a cut.
+        await events.aclose()
+        with contextlib.suppress(Exception):
+            ending = stream_failure(ServiceUnavailable(SHUTTING_DOWN))
+            await send({"type": "http.response.body", "body": ending, "more_body": False})
+        raise
     finally:
         await events.aclose()

@@ -97,4 +97,26 @@ def test_shutdown_timeout_zero_shuts_down_at_once(tmp_path, serve, start_fake): 
     assert not sender.is_alive()
     assert code == 0, served.stderr
     assert "timeout graceful shutdown exceeded" in served.stderr  # cut off, not finished
-    assert "response" not in result or result["response"].status_code >= 500
+    assert "Traceback" not in served.stderr  # said in one line, not as an application error
+    assert result["response"].status_code == 503, result
+    assert "shutting down" in result["response"].json()["error"]["message"]
+
+
+def test_a_stream_cut_by_the_shutdown_ends_with_an_error_event(tmp_path, serve, start_fake):  # noqa: F811
+    fake = start_fake(FakeOpenAI())
+    first = b'data: {"id":"1","object":"chat.completion.chunk","choices":[]}\n\n'
+    fake.push("/v1/chat/completions", Reply(events=[first], hang_after=1))
+    served = serve(serve_config(tmp_path, fake.url, shutdown_timeout_seconds=0))
+    served.wait_ready("/readyz")
+    body = {"model": "mock-model", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    with (
+        httpx2.Client(timeout=60) as http,
+        http.stream("POST", served.url + "/v1/chat/completions", json=body) as resp,
+    ):
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line.startswith("data:")) == first.decode().strip()
+        assert served.signal_and_wait(signal.SIGTERM) == 0, served.stderr
+        rest = [line for line in lines if line.startswith("data:")]
+    assert "shutting down" in rest[0] and '"error"' in rest[0], rest
+    assert rest[-1] == "data: [DONE]"
+    assert "Traceback" not in served.stderr

@@ -2,8 +2,10 @@
 
   python bench/report.py RESULTS_DIR [--gateways nexus,litellm]
 
-Files read: latency-GW.json, sse-direct.json, sse-bare.json (the bare Starlette pass-through,
-a column when present), sse-GW.json, wrk-direct.json, wrk-GW.json. A missing file shows as "-".
+Files read: latency-GW.json, sse-direct.json, sse-bare.json (the bare Starlette + aiohttp
+pass-through: the yardstick for streams) and sse-bare-own.json (the same on Nexus's own client,
+for information), each a column when present, sse-GW.json, wrk-direct.json, wrk-GW.json. A
+missing file shows as "-".
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def pair(d: dict[str, Any], a: str, b: str, digits: int = 2) -> str:
 
 
 def columns(folder: Path, gateways: list[str]) -> list[str]:
-    bare = ["bare"] if (folder / "sse-bare.json").exists() else []
+    bare = [b for b in ("bare", "bare-own") if (folder / f"sse-{b}.json").exists()]
     return ["direct", *bare, *gateways]
 
 

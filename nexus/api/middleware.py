@@ -89,9 +89,9 @@ class GatewayMiddleware:
             log.info("POST %s cancelled: Nexus is shutting down", scope["path"])
             trace.error_type = "shutdown"
             if not start:
-                error = ServiceUnavailable("Nexus is shutting down; retry against a running Nexus")
+                ending = ServiceUnavailable("Nexus is shutting down; retry against a running Nexus")
                 with contextlib.suppress(Exception):
-                    await send_json(send_with_id, 503, error.body())
+                    await send_json(send_with_id, 503, ending.body())
         except NexusError as exc:
             trace.error_type = exc.error_type
             await send_json(send_with_id, exc.status_code, exc.body(), _encode(exc.headers()))

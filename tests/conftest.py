@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -57,3 +59,21 @@ def start_nexus(loop_thread: LoopThread) -> Iterator[Callable[[Settings], NexusS
 def client() -> Iterator[httpx2.Client]:
     with httpx2.Client(timeout=30) as http:
         yield http
+
+
+@pytest.fixture
+def kill(loop_thread: LoopThread) -> Iterator[Callable[[FakeUpstream], None]]:
+    """Stop a fake after Nexus learnt its models; its port is held so connections are refused."""
+    held: list[socket.socket] = []
+
+    def kill(fake: FakeUpstream) -> None:
+        loop_thread.run(fake.stop())
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):  # taken meanwhile: still not our fake
+            sock.bind(("127.0.0.1", fake.port))
+        held.append(sock)
+
+    yield kill
+    for sock in held:
+        sock.close()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
 from typing import Any
 
 import pytest
@@ -48,24 +46,6 @@ def assert_served(resp: Any, name: str, reason: str, *, stream: bool = False) ->
 def status_of(nexus, name: str) -> Status:
     status: Status = nexus.gateway.registry.get(name).status
     return status
-
-
-@pytest.fixture
-def kill(loop_thread):
-    """Stop a fake after Nexus learnt its models; its port is held so connections are refused."""
-    held: list[socket.socket] = []
-
-    def kill(fake: FakeOpenAI) -> None:
-        loop_thread.run(fake.stop())
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        with contextlib.suppress(OSError):  # taken meanwhile: still not our fake
-            sock.bind(("127.0.0.1", fake.port))
-        held.append(sock)
-
-    yield kill
-    for sock in held:
-        sock.close()
 
 
 @pytest.fixture

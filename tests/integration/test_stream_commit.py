@@ -5,8 +5,6 @@ backend down); a connection lost before the request is sent fails over at once."
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -150,27 +148,9 @@ def test_after_the_first_event_the_stream_is_committed(start_fake, start_nexus, 
 # --- a timeout is not an outage; a refused connection is ----------------------------------------
 
 
-@pytest.fixture
-def refuse(loop_thread: LoopThread) -> Iterator[Callable[[FakeUpstream], None]]:
-    """Stop a fake after Nexus learnt its models; its port is held so connections are refused."""
-    held: list[socket.socket] = []
-
-    def refuse(fake: FakeUpstream) -> None:
-        loop_thread.run(fake.stop())
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        with contextlib.suppress(OSError):  # taken meanwhile: still not our fake
-            sock.bind(("127.0.0.1", fake.port))
-        held.append(sock)
-
-    yield refuse
-    for sock in held:
-        sock.close()
-
-
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_a_timeout_leaves_the_backend_up_a_refused_connection_marks_it_down(
-    start_fake, start_nexus, client, refuse, stream
+    start_fake, start_nexus, client, kill, stream
 ):
     slow, dead, good = (start_fake(FakeOpenAI()) for _ in range(3))
     slow.push(
@@ -187,7 +167,7 @@ def test_a_timeout_leaves_the_backend_up_a_refused_connection_marks_it_down(
             routing={**IN_ORDER, "max_retries": 2},
         )
     )
-    refuse(dead)
+    kill(dead)
 
     resp = post(client, nexus, stream=stream)
 

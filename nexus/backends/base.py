@@ -15,7 +15,6 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -25,6 +24,7 @@ from ..errors import (
     ConnectionLimitReached,
     InvalidRequest,
     JSONDict,
+    NexusError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -150,20 +150,6 @@ class HTTPAdapter:
         """POST and return the body of a 2xx answer; anything else raises an UpstreamError."""
         return await self._call(backend, "POST", path, payload, headers, self.timeouts.request)
 
-    async def open_post(
-        self, backend: Backend, path: str, payload: bytes, headers: Mapping[str, str]
-    ) -> Response:
-        """POST and return the open response once its headers arrived with a 2xx status."""
-        limit = self.timeouts.request
-        async with upstream_errors(backend, limit), asyncio.timeout(limit):
-            resp = await self.client.request("POST", backend.url + path, headers, payload)
-            if resp.status >= 400:
-                raise status_error(backend, resp, await resp.read())
-            if not answered(resp.status):
-                resp.close()
-                raise no_answer(backend, resp.status)
-            return resp
-
     async def open_events(
         self,
         backend: Backend,
@@ -176,16 +162,26 @@ class HTTPAdapter:
 
         A 200 followed by silence, a drop or an empty body is a failure of this backend like a
         refused connection: nothing went to the client yet, so the next backend may be tried.
+        One timeout and one error mapping cover the whole start (they cost on every stream).
         """
         limit = self.timeouts.request
-        deadline = asyncio.get_running_loop().time() + limit
-        stream = wrap(await self.open_post(backend, path, payload, headers))
-        rest = aiter(stream)
+        stream: EventStream | None = None
+        rest: AsyncIterator[bytes] | None = None
         try:
-            async with upstream_errors(backend, limit), asyncio.timeout_at(deadline):
-                first = await _first_chunk(backend, rest)
+            with UpstreamErrors(backend, limit):
+                async with asyncio.timeout(limit):
+                    resp = await self.client.request("POST", backend.url + path, headers, payload)
+                    if resp.status >= 400:
+                        raise status_error(backend, resp, await resp.read())
+                    if not answered(resp.status):
+                        resp.close()
+                        raise no_answer(backend, resp.status)
+                    stream = wrap(resp)
+                    rest = aiter(stream)
+                    first = await _first_chunk(backend, rest)
         except BaseException:
-            await StartedStream(b"", rest, stream).aclose()
+            if stream is not None and rest is not None:
+                await StartedStream(b"", rest, stream).aclose()
             raise
         return StartedStream(first, rest, stream)
 
@@ -211,9 +207,10 @@ class HTTPAdapter:
         headers: Mapping[str, str],
         limit: float,
     ) -> bytes:
-        async with upstream_errors(backend, limit), asyncio.timeout(limit):
-            resp = await self.client.request(method, backend.url + path, headers, payload)
-            body = await resp.read()
+        with UpstreamErrors(backend, limit):
+            async with asyncio.timeout(limit):
+                resp = await self.client.request(method, backend.url + path, headers, payload)
+                body = await resp.read()
         if resp.status >= 400:
             raise status_error(backend, resp, body)
         if not answered(resp.status):
@@ -221,33 +218,50 @@ class HTTPAdapter:
         return body
 
 
-@asynccontextmanager
-async def upstream_errors(backend: Backend, limit: float) -> AsyncIterator[None]:
-    """The one place transport failures become Nexus errors."""
-    name = backend.name
-    try:
-        yield
-    except UpstreamError:
-        raise
-    except TimeoutError as exc:
-        raise UpstreamTimeout(name, f"Backend '{name}' did not answer within {limit:g}s") from exc
-    except ConnectFailed as exc:
-        raise UpstreamConnectError(name, f"Backend '{name}' is unreachable: {exc}") from exc
-    except PoolExhausted as exc:
-        raise ConnectionLimitReached(
+class UpstreamErrors:
+    """The one place transport failures become Nexus errors: ``with UpstreamErrors(...)`` around
+    an upstream call (outside its timeout, so that a timeout arrives as TimeoutError). A plain
+    class, not a generator-based context manager: it is entered on every upstream call."""
+
+    __slots__ = ("backend", "limit")
+
+    def __init__(self, backend: Backend, limit: float) -> None:
+        self.backend = backend
+        self.limit = limit
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is None or isinstance(exc, UpstreamError) or not isinstance(exc, Exception):
+            return
+        mapped = transport_error(self.backend.name, self.limit, exc)
+        if mapped is not None:
+            raise mapped from exc
+
+
+def transport_error(name: str, limit: float, exc: Exception) -> NexusError | None:
+    """The Nexus error for a transport failure talking to backend ``name`` (None: not one)."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(name, f"Backend '{name}' did not answer within {limit:g}s")
+    if isinstance(exc, ConnectFailed):
+        return UpstreamConnectError(name, f"Backend '{name}' is unreachable: {exc}")
+    if isinstance(exc, PoolExhausted):
+        return ConnectionLimitReached(
             f"Nexus could not reach backend '{name}': {exc} ([server] max_concurrent_requests). "
             "Retry shortly, or raise the limit."
-        ) from exc
-    except ResponseTooLarge as exc:
-        raise UpstreamProtocolError(
+        )
+    if isinstance(exc, ResponseTooLarge):
+        return UpstreamProtocolError(
             name, f"Backend '{name}' sent more than [server] max_response_bytes: {exc}"
-        ) from exc
-    except ProtocolError as exc:
-        raise UpstreamProtocolError(name, f"Backend '{name}' answered badly: {exc}") from exc
-    except OSError as exc:
-        raise UpstreamUnavailable(
-            name, f"Backend '{name}' failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        )
+    if isinstance(exc, ProtocolError):
+        return UpstreamProtocolError(name, f"Backend '{name}' answered badly: {exc}")
+    if isinstance(exc, OSError):
+        return UpstreamUnavailable(name, f"Backend '{name}' failed: {type(exc).__name__}: {exc}")
+    return None
 
 
 async def _first_chunk(backend: Backend, rest: AsyncIterator[bytes]) -> bytes:

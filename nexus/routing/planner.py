@@ -124,6 +124,9 @@ class Router:
         self.affinity = AffinityTable(routing.affinity_ttl_seconds)
         self.strategies = strategies or Strategies(routing.weights)
         self.clock = clock
+        self._stages: list[tuple[str, _Stage]] = [
+            (stage, getattr(self, f"_{stage}")) for stage in STAGES
+        ]
 
     def plan(self, request: RouteRequest) -> Plan:
         """Raises ModelNotFound (nobody lists it), CapabilityMismatch (all excluded for what the
@@ -189,10 +192,14 @@ class Router:
             for b in backends
         ]
         ctx = _StageContext(plan, request, model, restricted, tier, now)
-        for stage in STAGES:
-            started = time.perf_counter_ns()
-            candidates = getattr(self, f"_{stage}")(candidates, ctx)
-            plan.stage_ns[stage] = plan.stage_ns.get(stage, 0) + time.perf_counter_ns() - started
+        stage_ns = plan.stage_ns
+        clock = time.perf_counter_ns
+        started = clock()
+        for stage, run in self._stages:
+            candidates = run(candidates, ctx)
+            ended = clock()
+            stage_ns[stage] = stage_ns.get(stage, 0) + ended - started
+            started = ended
         if not candidates:
             return True
         ordered = self.strategies.order(
@@ -372,3 +379,7 @@ def _claims(candidate: Candidate, capability: str) -> bool:
 def plan_request(registry: Registry, routing: RoutingSettings, model: str) -> Plan:
     """One-off planning with default state (tests and tools)."""
     return Router(registry, routing).plan(RouteRequest(model))
+
+
+# A stage: the candidates it keeps, given the candidates and what it needs to know.
+_Stage = Callable[[list[Candidate], _StageContext], list[Candidate]]

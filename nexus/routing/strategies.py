@@ -61,6 +61,8 @@ class Strategies:
     def order(
         self, strategy: str, candidates: list[Candidate], model: str, stream: bool
     ) -> list[Candidate]:
+        if len(candidates) == 1:  # nothing to order (and no turn to take): the common case
+            return candidates
         return self._order[strategy](candidates, model, stream)
 
     def _smart(self, candidates: list[Candidate], model: str, stream: bool) -> list[Candidate]:

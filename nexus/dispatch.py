@@ -32,6 +32,7 @@ from .errors import (
 )
 from .health import HealthChecker
 from .queueing import QueueFull, RequestQueue
+from .redact import scrub_bytes
 from .registry import Backend, Registry
 from .routing.affinity import affinity_keys
 from .routing.planner import Plan, Router, RouteRequest, Step
@@ -259,13 +260,19 @@ class Dispatcher:
         the slot on exit."""
         done = is_done(upstream.first)
         try:
-            if b'"usage":{' in upstream.first:
-                trace.usage(_usage_of(upstream.first))
-            yield upstream.first
+            backend = step.backend
+            # An error event from a backend with a key may echo it: masked like any other error.
+            secrets = backend.secrets if backend.api_key or "@" in backend.url else None
+            first = upstream.first
+            if b'"usage":{' in first:
+                trace.usage(_usage_of(first))
+            yield scrub_bytes(first, secrets) if secrets and b'"error"' in first else first
             if not done:
                 async for event in upstream.rest:
                     if b'"usage":{' in event:
                         trace.usage(_usage_of(event))
+                    if secrets and b'"error"' in event:
+                        event = scrub_bytes(event, secrets)
                     yield event
                     if is_done(event):
                         done = True

@@ -488,6 +488,13 @@ def test_url_passwords_and_echoed_keys_are_redacted_everywhere(
         assert resp.status_code == status, resp.text
         assert "***" in resp.text
         shown.append(resp.text)
+    # an error event inside a stream
+    ok = b'data: {"id":"1","object":"chat.completion.chunk","choices":[]}\n\n'
+    bad = b"data: " + orjson.dumps(leaky) + b"\n\n"
+    echo.push(CHAT, Reply(events=[ok, bad, b"data: [DONE]\n\n"]))
+    streamed = client.post(nexus.url + CHAT, json={**BODY, "stream": True})
+    assert streamed.status_code == 200 and "Incorrect API key provided: ***" in streamed.text
+    shown.append(streamed.text)
     # a probe that fails with the key in its answer: last_error
     echo.push("/v1/models", Reply(status=403, json=leaky))
     nexus.loop.run(nexus.gateway.health.check(nexus.gateway.registry.get("echo")))

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from ..dialects.events import ChunkWriter, sse_event
 from ..errors import InvalidRequest, JSONDict, UpstreamProtocolError
 from ..registry import Backend, Model
 from .base import (
@@ -334,10 +335,8 @@ class OllamaStream(SSEStream):
         include_usage: bool,
     ) -> None:
         super().__init__(backend, resp, idle_timeout)
-        self._model = model
         self._include_usage = include_usage
-        self._id = f"chatcmpl-{os.urandom(12).hex()}"
-        self._created = int(time.time())
+        self._chunks = ChunkWriter(f"chatcmpl-{os.urandom(12).hex()}", int(time.time()), model)
         self._first = True
         self._done = False
         self._tool_calls = 0
@@ -391,16 +390,10 @@ class OllamaStream(SSEStream):
         return events
 
     def _event(self, choices: list[JSONDict], usage: JSONDict | None = None) -> bytes:
-        chunk: JSONDict = {
-            "id": self._id,
-            "object": "chat.completion.chunk",
-            "created": self._created,
-            "model": self._model,
-            "choices": choices,
-        }
+        chunk = self._chunks.envelope(choices)
         if usage is not None:
             chunk["usage"] = usage
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+        return sse_event(chunk)
 
 
 def _choice(delta: JSONDict, finish: str | None) -> JSONDict:

@@ -13,12 +13,18 @@ from typing import Protocol
 
 import orjson
 
+from ..dialects.events import (
+    DONE,
+    MAX_EVENT_BYTES,
+    EventSplitter,
+    EventTooLarge,
+    LineSplitter,
+)
 from ..errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from ..registry import Backend
 from .http1 import ProtocolError, Response, ResponseTooLarge
 
-DONE = b"data: [DONE]\n\n"
-MAX_EVENT_BYTES = 1024 * 1024
+__all__ = ["DONE", "MAX_EVENT_BYTES", "EventSplitter", "LineSplitter", "SSEStream", "is_done"]
 
 
 def is_done(item: bytes) -> bool:
@@ -63,75 +69,6 @@ def opens_chunks(item: bytes) -> bool | None:
         except orjson.JSONDecodeError:
             return False
     return None
-
-
-def event_too_large(limit: int) -> ProtocolError:
-    return ProtocolError(f"an event is longer than {limit} bytes")
-
-
-class EventSplitter:
-    """Cuts bytes, however they were read, into SSE events that each end in a blank line.
-
-    Line ends may be CRLF, LF or a lone CR (the SSE spec allows all three); they become LF, also
-    when a CRLF's two bytes arrive in different reads. Nothing else is re-encoded.
-    """
-
-    def __init__(self, limit: int = MAX_EVENT_BYTES) -> None:
-        self._buffer = b""
-        self._after_cr = False  # the last read ended in CR: an LF opening the next one is its pair
-        self._limit = limit
-
-    def feed(self, data: bytes) -> list[bytes]:
-        if not data:
-            return []
-        if self._after_cr and data[0] == 10:
-            data = data[1:]
-        self._after_cr = False
-        if b"\r" in data:
-            self._after_cr = data.endswith(b"\r")
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buffer = self._buffer + data if self._buffer else data
-        events = []
-        start, size = 0, len(buffer)
-        while True:
-            while start < size and buffer[start] == 10:  # blank lines between events
-                start += 1
-            end = buffer.find(b"\n\n", start)
-            if end < 0:
-                break
-            if end + 2 - start > self._limit:
-                raise event_too_large(self._limit)
-            events.append(buffer[start : end + 2])
-            start = end + 2
-        self._buffer = buffer[start:] if start else buffer
-        if len(self._buffer) > self._limit:
-            raise event_too_large(self._limit)
-        return events
-
-    def tail(self) -> bytes | None:
-        """What is left when the stream ends, as a last event (the upstream omitted the blank
-        line after it); None when nothing is."""
-        rest, self._buffer = self._buffer.strip(), b""
-        return rest + b"\n\n" if rest else None
-
-
-class LineSplitter:
-    """Cuts bytes into non-blank lines (NDJSON), without their line ends."""
-
-    def __init__(self, limit: int = MAX_EVENT_BYTES) -> None:
-        self._buffer = b""
-        self._limit = limit
-
-    def feed(self, data: bytes) -> list[bytes]:
-        buffer = self._buffer + data
-        *lines, self._buffer = buffer.split(b"\n")
-        if len(buffer) > self._limit and max(map(len, (*lines, self._buffer))) > self._limit:
-            raise event_too_large(self._limit)
-        return [line for line in lines if line.strip()]
-
-    def tail(self) -> bytes | None:
-        rest, self._buffer = self._buffer.strip(), b""
-        return rest or None
 
 
 def joined(events: list[bytes], start: int, end: int) -> bytes:
@@ -201,7 +138,7 @@ class SSEStream:
             raise UpstreamProtocolError(
                 name, f"Backend '{name}' sent more than [server] max_response_bytes: {exc}"
             ) from exc
-        except ProtocolError as exc:
+        except (ProtocolError, EventTooLarge) as exc:
             raise UpstreamProtocolError(name, f"Backend '{name}' broke the stream: {exc}") from exc
         except OSError as exc:
             raise UpstreamUnavailable(

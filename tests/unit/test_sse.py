@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nexus.backends.http1 import ProtocolError
 from nexus.backends.sse import EventSplitter, LineSplitter, is_done, opens_chunks
+from nexus.dialects.events import EventTooLarge
 
 # Three events, each line end written a different way: LF, CRLF and a lone CR (all allowed by
 # the SSE spec), a comment, a multi-line event, and [DONE].
@@ -87,12 +87,12 @@ def test_tail_without_final_blank_line_is_a_last_event() -> None:
 def test_an_event_without_end_past_the_limit_is_a_protocol_error() -> None:
     splitter = EventSplitter(limit=100)
     splitter.feed(b"data: " + b"x" * 90)
-    with pytest.raises(ProtocolError, match="longer than 100 bytes"):
+    with pytest.raises(EventTooLarge, match="longer than 100 bytes"):
         splitter.feed(b"x" * 10)
 
 
 def test_a_whole_event_past_the_limit_is_a_protocol_error_too() -> None:
-    with pytest.raises(ProtocolError):
+    with pytest.raises(EventTooLarge):
         EventSplitter(limit=100).feed(b"data: " + b"x" * 100 + b"\n\n")
 
 
@@ -131,7 +131,7 @@ def test_ndjson_lines_whatever_the_split(cut: int) -> None:
 def test_ndjson_line_past_the_limit_is_a_protocol_error() -> None:
     splitter = LineSplitter(limit=50)
     assert splitter.feed(b'{"a":1}\n' + b"x" * 40) == [b'{"a":1}']
-    with pytest.raises(ProtocolError):
+    with pytest.raises(EventTooLarge):
         splitter.feed(b"x" * 20)
 
 

@@ -1,0 +1,1 @@
+"""Pure translators between OpenAI chat (Nexus's internal form) and other wire formats; no I/O."""

@@ -79,13 +79,15 @@ class EventSplitter:
         if b"\r" in data:
             self._after_cr = data.endswith(b"\r")
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buffer = self._buffer
-        seen = len(buffer)
-        buffer += data
-        if buffer.find(b"\n\n", max(0, seen - 1)) < 0:  # no event ended in what came
-            if len(buffer) > self._limit:
-                raise event_too_large(self._limit)
-            return []
+        buffer: bytes | bytearray = data  # the usual case: nothing waiting, no copy
+        if self._buffer:
+            seen = len(self._buffer)
+            self._buffer += data
+            if self._buffer.find(b"\n\n", max(0, seen - 1)) < 0:  # nothing ended yet
+                if len(self._buffer) > self._limit:
+                    raise event_too_large(self._limit)
+                return []
+            buffer = bytes(self._buffer)
         events = []
         start, size = 0, len(buffer)
         while True:
@@ -98,8 +100,8 @@ class EventSplitter:
                 raise event_too_large(self._limit)
             events.append(bytes(buffer[start : end + 2]))
             start = end + 2
-        del buffer[:start]
-        if len(buffer) > self._limit:
+        self._buffer = bytearray(buffer[start:])
+        if len(self._buffer) > self._limit:
             raise event_too_large(self._limit)
         return events
 

@@ -245,6 +245,13 @@ def check_backend_name(value: str) -> str:
     return value
 
 
+# Where a cloud backend type is served when its ``url`` is left out.
+DEFAULT_URLS = {
+    "anthropic": "https://api.anthropic.com",
+    "google": "https://generativelanguage.googleapis.com",
+}
+
+
 class BackendSettings(_Section):
     name: Annotated[str, AfterValidator(check_backend_name)]
     url: str | None = None  # required unless the backend is managed
@@ -267,6 +274,17 @@ class BackendSettings(_Section):
         if value is not None and len(value) > URL_MAX:  # admin-added ones too: keep it bounded
             raise ValueError(f"a backend URL has at most {URL_MAX} characters")
         return None if value is None else normalise_url(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_url(cls, data: Any) -> Any:
+        """Cloud types know their provider's URL: ``url`` may be left out for them."""
+        if isinstance(data, dict) and data.get("url") is None and data.get("managed") is None:
+            kind = data.get("type")
+            default = DEFAULT_URLS.get(kind.lower()) if isinstance(kind, str) else None
+            if default is not None:
+                return {**data, "url": default}
+        return data
 
     @model_validator(mode="after")
     def _url_or_managed(self) -> BackendSettings:

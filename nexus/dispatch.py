@@ -106,7 +106,7 @@ class Dispatcher:
         keys: tuple[int, ...] = ()
         if self.router.routing.affinity:
             keys = tuple(affinity_keys(model, body["messages"]))
-        return RouteRequest(model, chat_requirements(body, client), flexible, keys)
+        return RouteRequest(model, chat_requirements(body, client), flexible, keys, body)
 
     async def complete(
         self,

@@ -71,8 +71,10 @@ def backend_from(spec: BackendSettings, environ: Mapping[str, str] | None = None
         backend.unavailable = f"backend type '{spec.type}' is not supported yet"
     elif spec.api_key_env and backend.api_key is None:
         backend.unavailable = f"environment variable {spec.api_key_env} (api_key_env) is not set"
-    elif spec.type == "openai" and not spec.api_key_env:
-        backend.unavailable = "type 'openai' needs api_key_env naming the variable with its key"
+    elif spec.type in ("openai", "anthropic") and not spec.api_key_env:
+        backend.unavailable = (
+            f"type '{spec.type}' needs api_key_env naming the variable with its key"
+        )
     if backend.unavailable:
         backend.status = Status.UNHEALTHY
         backend.last_error = backend.unavailable

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import QualitySettings, RoutingSettings
+from ..dialects import anthropic, gemini
 from ..errors import (
     NO_BACKENDS_HINT,
     CapabilityMismatch,
@@ -33,6 +34,12 @@ from .policy import Policies, Rule
 from .quality import QualityTracker
 from .requirements import Requirements
 from .strategies import REASONS, Candidate, Strategies
+
+# Backend types whose dialect cannot express every OpenAI request: why a body cannot go there.
+UNTRANSLATABLE: dict[str, Callable[[dict[str, Any]], str | None]] = {
+    "anthropic": anthropic.untranslatable,
+    "google": gemini.untranslatable,
+}
 
 STAGES = ("health", "capabilities", "privacy", "tier", "quality", "capacity")
 
@@ -69,6 +76,9 @@ class RouteRequest:
     requirements: Requirements = Requirements()
     flexible: bool = False  # X-Nexus-Flexible: a higher tier may serve when the exact one can't
     affinity_keys: tuple[int, ...] = ()
+    # The chat body, for backends that translate it (dialects' ``untranslatable``): read only
+    # when such a backend is a candidate.
+    body: dict[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)
@@ -263,7 +273,19 @@ class Router:
             if needed
         ]
         keep = []
+        untranslatable: dict[str, str | None] = {}  # per backend type, worked out once
         for c in candidates:
+            check = UNTRANSLATABLE.get(c.backend.type)
+            body = ctx.request.body
+            if check is not None and body is not None:
+                kind = c.backend.type
+                if kind not in untranslatable:
+                    untranslatable[kind] = check(body)
+                why = untranslatable[kind]
+                if why is not None:
+                    action = "drop it from the request, or use a backend that speaks OpenAI"
+                    ctx.exclude(c, "capabilities", f"{kind} cannot honour {why}", action)
+                    continue
             model = c.backend.models.get(c.model)
             rivals = [r for r in candidates if r.backend.zone == "restricted" or not ctx.restricted]
             missing = [] if model is None else _missing(model, wanted, rivals)

@@ -230,3 +230,14 @@ def test_backend_names_unfit_for_headers_stop_the_config(name):
     entry = {"name": name, "url": "http://127.0.0.1:9", "type": "vllm"}
     with pytest.raises(ConfigError, match=r"backends\[0\].*\.name: a backend name is"):
         settings_from_dict({"backends": [entry]})
+
+
+def test_cloud_types_default_their_url_and_others_still_need_one():
+    settings = settings_from_dict(
+        {"backends": [{"name": "claude", "type": "anthropic", "api_key_env": "K"}]}
+    )
+    assert settings.backends[0].url == "https://api.anthropic.com"
+    given = {"name": "claude", "type": "Anthropic", "url": "http://127.0.0.1:9/v1"}
+    assert settings_from_dict({"backends": [given]}).backends[0].url == "http://127.0.0.1:9"
+    with pytest.raises(ConfigError, match="'url' is required"):
+        settings_from_dict({"backends": [{"name": "gpu", "type": "vllm"}]})

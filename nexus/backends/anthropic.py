@@ -1,0 +1,190 @@
+"""Anthropic's Messages API, spoken as OpenAI to clients.
+
+Models and health come from ``GET /v1/models`` (free: never a billed call). Chat goes to
+``POST /v1/messages``, translated both ways by ``dialects.anthropic``. The key goes as
+``x-api-key``: no client ``Authorization`` header ever reaches Anthropic. Error answers in
+Anthropic's envelope go on as OpenAI envelopes with the provider's status and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import orjson
+
+from ..dialects import anthropic as dialect
+from ..errors import UpstreamProtocolError, UpstreamStatusError, UpstreamUnavailable
+from ..registry import Backend, Model
+from .base import Call, Completion, HTTPAdapter, Probe, StartedStream, encode_request, parse_json
+from .http1 import Response
+from .sse import DONE, SSEStream
+
+VERSION = "2023-06-01"
+# Sent when the client sets no max_tokens (Anthropic requires one): every Claude model takes
+# 4096, the older ones no more.
+DEFAULT_MAX_TOKENS = 4096
+# Current Claude models: a 200k window, images and tools (used when the list says nothing).
+DEFAULT_CONTEXT = 200_000
+_MAX_PAGES = 10  # a model list longer than 10 x 1000 entries is not a real one
+
+
+class AnthropicAdapter(HTTPAdapter):
+    def headers(self, backend: Backend, request_id: str | None = None) -> dict[str, str]:
+        headers = {"anthropic-version": VERSION, "Content-Type": "application/json"}
+        if backend.api_key:
+            headers["x-api-key"] = backend.api_key
+        if request_id:
+            headers["X-Request-Id"] = request_id
+        return headers
+
+    async def probe(self, backend: Backend) -> Probe:
+        models: list[Model] = []
+        path = "/v1/models?limit=1000"
+        for _ in range(_MAX_PAGES):
+            try:
+                data = await self.get_json(backend, path, self.headers(backend))
+            except UpstreamStatusError as exc:
+                raise openai_error(backend, exc) from None
+            entries = data.get("data") if isinstance(data, dict) else None
+            if not isinstance(entries, list):
+                raise UpstreamProtocolError(
+                    backend.name, f"Backend '{backend.name}' sent a model list without 'data'"
+                )
+            models.extend(_model(e) for e in entries if isinstance(e, dict) and _id(e))
+            last = data.get("last_id")
+            if not data.get("has_more") or not isinstance(last, str):
+                break
+            path = f"/v1/models?limit=1000&after_id={last}"
+        return Probe(models)
+
+    async def chat(self, backend: Backend, call: Call) -> Completion:
+        payload = self._payload(call, stream=False)
+        try:
+            body = await self.post_json(
+                backend, "/v1/messages", payload, self._call_headers(backend, call)
+            )
+        except UpstreamStatusError as exc:
+            raise openai_error(backend, exc) from None
+        message = parse_json(backend, body)
+        if not isinstance(message, dict):
+            raise UpstreamProtocolError(backend.name, f"Backend '{backend.name}' sent a non-object")
+        completion = dialect.completion_from_message(message, _client_model(call))
+        return Completion(orjson.dumps(completion), completion["usage"])
+
+    async def open_stream(self, backend: Backend, call: Call) -> StartedStream:
+        payload = self._payload(call, stream=True)
+        options = call.body.get("stream_options")
+        usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        idle = self.timeouts.stream_idle
+        model = _client_model(call)
+        try:
+            return await self.open_events(
+                backend,
+                "/v1/messages",
+                payload,
+                self._call_headers(backend, call),
+                lambda resp: AnthropicStream(backend, resp, idle, model, usage),
+            )
+        except UpstreamStatusError as exc:
+            raise openai_error(backend, exc) from None
+
+    async def embeddings(self, backend: Backend, call: Call) -> Completion:
+        message = f"Backend '{backend.name}' (Anthropic) serves no embeddings"
+        envelope = dialect.error_event("not_found_error", message)
+        raise UpstreamStatusError(backend.name, 404, orjson.dumps(envelope))
+
+    def _payload(self, call: Call, *, stream: bool) -> bytes:
+        request = dialect.messages_request(call.body, call.model, DEFAULT_MAX_TOKENS)
+        if stream:
+            request["stream"] = True
+        else:
+            request.pop("stream", None)
+        return encode_request(request)
+
+    def _call_headers(self, backend: Backend, call: Call) -> dict[str, str]:
+        # Built from the backend's own key: call.headers may carry the client's Authorization.
+        return self.headers(backend, call.headers.get("X-Request-Id"))
+
+
+def _id(entry: dict[str, object]) -> bool:
+    return isinstance(entry.get("id"), str)
+
+
+def _model(entry: dict[str, object]) -> Model:
+    model_id = str(entry["id"])
+    reported = entry.get("max_input_tokens")
+    context = reported if isinstance(reported, int) and reported > 0 else DEFAULT_CONTEXT
+    caps = entry.get("capabilities")
+    image = caps.get("image_input") if isinstance(caps, dict) else None
+    vision = image.get("supported") is not False if isinstance(image, dict) else True
+    return Model(
+        id=model_id,
+        context_length=context,
+        vision=vision,
+        tools=True,
+        json_mode=False,  # no JSON mode in Messages: untranslatable() names it
+        embeddings=False,
+        reported=True,  # known for the API, not guessed from the name
+    )
+
+
+def _client_model(call: Call) -> str:
+    requested = call.body.get("model")
+    return requested if isinstance(requested, str) else call.model
+
+
+def openai_error(backend: Backend, exc: UpstreamStatusError) -> UpstreamStatusError:
+    """The same failure with Anthropic's ``{"type":"error","error":{...}}`` made an OpenAI
+    envelope (status and Retry-After kept; the body was already scrubbed of secrets)."""
+    try:
+        data = orjson.loads(exc.raw)
+    except orjson.JSONDecodeError:
+        return exc
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return exc
+    envelope = dialect.error_event(str(error.get("type", "")), backend.redact(error["message"]))
+    return UpstreamStatusError(
+        backend.name, exc.upstream_status, orjson.dumps(envelope), exc.retry_after
+    )
+
+
+class AnthropicStream(SSEStream):
+    """Anthropic's SSE as OpenAI ``chat.completion.chunk`` events, ending in ``[DONE]``."""
+
+    def __init__(
+        self, backend: Backend, resp: Response, idle: float, model: str, include_usage: bool
+    ) -> None:
+        super().__init__(backend, resp, idle)
+        self._translator = dialect.StreamTranslator(model, include_usage=include_usage)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        translator = self._translator
+        sent = False
+        try:
+            while (events := await self._next(translator)) is not None:
+                if translator.error is not None and not sent:
+                    self._fail(translator.error)
+                sent = True
+                for event in events:  # one by one: dispatch reads usage from a chunk alone
+                    if event == DONE:
+                        self._finished = translator.error is None  # before the yield
+                        yield event
+                        return
+                    yield event
+            self._finished = True
+            rest = translator.close()
+            if translator.error is not None and not sent:
+                self._fail(translator.error)
+            for event in rest:
+                yield event
+        finally:
+            await self.aclose()
+
+    def _fail(self, envelope: dict[str, object]) -> None:
+        """An error before any chunk: a failure of this backend (the next one may serve)."""
+        error = envelope.get("error")
+        message = error.get("message") if isinstance(error, dict) else None
+        name = self._backend.name
+        text = self._backend.redact(str(message or "no message"))
+        raise UpstreamUnavailable(name, f"Backend '{name}' failed the stream: {text}")

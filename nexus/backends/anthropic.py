@@ -41,10 +41,7 @@ class AnthropicAdapter(HTTPAdapter):
         models: list[Model] = []
         path = "/v1/models?limit=1000"
         for _ in range(_MAX_PAGES):
-            try:
-                data = await self.get_json(backend, path, self.headers(backend))
-            except UpstreamStatusError as exc:
-                raise openai_error(backend, exc) from None
+            data = await self.get_json(backend, path, self.headers(backend))
             entries = data.get("data") if isinstance(data, dict) else None
             if not isinstance(entries, list):
                 raise UpstreamProtocolError(
@@ -59,34 +56,26 @@ class AnthropicAdapter(HTTPAdapter):
 
     async def chat(self, backend: Backend, call: Call) -> Completion:
         payload = self._payload(call, stream=False)
-        try:
-            body = await self.post_json(
-                backend, "/v1/messages", payload, self._call_headers(backend, call)
-            )
-        except UpstreamStatusError as exc:
-            raise openai_error(backend, exc) from None
+        body = await self.post_json(
+            backend, "/v1/messages", payload, self._call_headers(backend, call)
+        )
         message = parse_json(backend, body)
         if not isinstance(message, dict):
             raise UpstreamProtocolError(backend.name, f"Backend '{backend.name}' sent a non-object")
-        completion = dialect.completion_from_message(message, _client_model(call))
+        completion = dialect.completion_from_message(message, call.requested_model)
         return Completion(orjson.dumps(completion), completion["usage"])
 
     async def open_stream(self, backend: Backend, call: Call) -> StartedStream:
         payload = self._payload(call, stream=True)
-        options = call.body.get("stream_options")
-        usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        usage, model = call.include_usage, call.requested_model
         idle = self.timeouts.stream_idle
-        model = _client_model(call)
-        try:
-            return await self.open_events(
-                backend,
-                "/v1/messages",
-                payload,
-                self._call_headers(backend, call),
-                lambda resp: AnthropicStream(backend, resp, idle, model, usage),
-            )
-        except UpstreamStatusError as exc:
-            raise openai_error(backend, exc) from None
+        return await self.open_events(
+            backend,
+            "/v1/messages",
+            payload,
+            self._call_headers(backend, call),
+            lambda resp: AnthropicStream(backend, resp, idle, model, usage),
+        )
 
     async def embeddings(self, backend: Backend, call: Call) -> Completion:
         message = f"Backend '{backend.name}' (Anthropic) serves no embeddings"
@@ -100,6 +89,9 @@ class AnthropicAdapter(HTTPAdapter):
         else:
             request.pop("stream", None)
         return encode_request(request)
+
+    def status_error(self, backend: Backend, resp: Response, body: bytes) -> UpstreamStatusError:
+        return openai_error(backend, super().status_error(backend, resp, body))
 
     def _call_headers(self, backend: Backend, call: Call) -> dict[str, str]:
         # Built from the backend's own key: call.headers may carry the client's Authorization.
@@ -126,11 +118,6 @@ def _model(entry: dict[str, object]) -> Model:
         embeddings=False,
         reported=True,  # known for the API, not guessed from the name
     )
-
-
-def _client_model(call: Call) -> str:
-    requested = call.body.get("model")
-    return requested if isinstance(requested, str) else call.model
 
 
 def openai_error(backend: Backend, exc: UpstreamStatusError) -> UpstreamStatusError:

@@ -64,6 +64,18 @@ class Call:
     model: str  # the backend's own name for the model
     headers: Mapping[str, str]  # upstream headers decided by dispatch (auth, request id)
 
+    @property
+    def requested_model(self) -> str:
+        """The model as the client named it: what a translated answer reports."""
+        requested = self.body.get("model")
+        return requested if isinstance(requested, str) else self.model
+
+    @property
+    def include_usage(self) -> bool:
+        """The client asked for a usage chunk at the end of its stream."""
+        options = self.body.get("stream_options")
+        return isinstance(options, dict) and bool(options.get("include_usage"))
+
     def payload(self) -> bytes:
         """The bytes to send: the client's own unless the model name had to change."""
         if self.body.get("model") == self.model:
@@ -144,6 +156,11 @@ class HTTPAdapter:
         self.client = client
         self.timeouts = timeouts
 
+    def status_error(self, backend: Backend, resp: Response, body: bytes) -> UpstreamStatusError:
+        """An error answer as an UpstreamStatusError; a dialect whose error body is not OpenAI's
+        envelope turns it into one here, the one place every call's errors pass."""
+        return status_error(backend, resp, body)
+
     async def post_json(
         self, backend: Backend, path: str, payload: bytes, headers: Mapping[str, str]
     ) -> bytes:
@@ -172,7 +189,7 @@ class HTTPAdapter:
                 async with asyncio.timeout(limit):
                     resp = await self.client.request("POST", backend.url + path, headers, payload)
                     if resp.status >= 400:
-                        raise status_error(backend, resp, await resp.read())
+                        raise self.status_error(backend, resp, await resp.read())
                     if not answered(resp.status):
                         resp.close()
                         raise no_answer(backend, resp.status)
@@ -212,7 +229,7 @@ class HTTPAdapter:
                 resp = await self.client.request(method, backend.url + path, headers, payload)
                 body = await resp.read()
         if resp.status >= 400:
-            raise status_error(backend, resp, body)
+            raise self.status_error(backend, resp, body)
         if not answered(resp.status):
             raise no_answer(backend, resp.status)
         return body

@@ -44,6 +44,9 @@ class GoogleAdapter(HTTPAdapter):
             headers["x-goog-api-key"] = backend.api_key
         return headers
 
+    def status_error(self, backend: Backend, resp: Response, body: bytes) -> UpstreamStatusError:
+        return openai_status_error(backend, super().status_error(backend, resp, body))
+
     async def probe(self, backend: Backend) -> Probe:
         models: list[Model] = []
         token: str | None = None
@@ -52,8 +55,7 @@ class GoogleAdapter(HTTPAdapter):
             path = "/v1beta/models?pageSize=1000"
             if token:
                 path += "&pageToken=" + quote(token, safe="")
-            with GoogleErrors(backend):
-                data = await self.get_json(backend, path, headers)
+            data = await self.get_json(backend, path, headers)
             entries = data.get("models") if isinstance(data, dict) else None
             if not isinstance(entries, list):
                 raise UpstreamProtocolError(
@@ -67,30 +69,26 @@ class GoogleAdapter(HTTPAdapter):
 
     async def chat(self, backend: Backend, call: Call) -> Completion:
         payload = _generate_payload(call.body)
-        with GoogleErrors(backend):
-            body = await self.post_json(
-                backend, _model_path(call.model, "generateContent"), payload, self.headers(backend)
-            )
+        body = await self.post_json(
+            backend, _model_path(call.model, "generateContent"), payload, self.headers(backend)
+        )
         data = parse_json(backend, body)
         if not isinstance(data, dict):
             raise UpstreamProtocolError(backend.name, f"Backend '{backend.name}' sent a non-object")
-        completion = completion_from_response(data, str(call.body.get("model") or call.model))
+        completion = completion_from_response(data, call.requested_model)
         return Completion(orjson.dumps(completion), completion.get("usage"))
 
     async def open_stream(self, backend: Backend, call: Call) -> StartedStream:
         payload = _generate_payload(call.body)
-        options = call.body.get("stream_options")
-        usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        model = str(call.body.get("model") or call.model)
+        usage, model = call.include_usage, call.requested_model
         idle = self.timeouts.stream_idle
-        with GoogleErrors(backend):
-            return await self.open_events(
-                backend,
-                _model_path(call.model, "streamGenerateContent") + "?alt=sse",
-                payload,
-                self.headers(backend),
-                lambda resp: GeminiStream(backend, resp, idle, model, usage),
-            )
+        return await self.open_events(
+            backend,
+            _model_path(call.model, "streamGenerateContent") + "?alt=sse",
+            payload,
+            self.headers(backend),
+            lambda resp: GeminiStream(backend, resp, idle, model, usage),
+        )
 
     async def embeddings(self, backend: Backend, call: Call) -> Completion:
         inputs = call.body.get("input")
@@ -101,19 +99,15 @@ class GoogleAdapter(HTTPAdapter):
                 "Gemini embeddings take 'input' as a string or a list of strings", param="input"
             )
         payload = encode_request(embed_request(inputs, call.model))
-        with GoogleErrors(backend):
-            body = await self.post_json(
-                backend,
-                _model_path(call.model, "batchEmbedContents"),
-                payload,
-                self.headers(backend),
-            )
+        body = await self.post_json(
+            backend, _model_path(call.model, "batchEmbedContents"), payload, self.headers(backend)
+        )
         data = parse_json(backend, body)
         if not isinstance(data, dict) or not isinstance(data.get("embeddings"), list):
             raise UpstreamProtocolError(
                 backend.name, f"Backend '{backend.name}' sent an answer without 'embeddings'"
             )
-        result = embeddings_from_response(data, str(call.body.get("model") or call.model))
+        result = embeddings_from_response(data, call.requested_model)
         return Completion(orjson.dumps(result), result["usage"])
 
 
@@ -145,27 +139,6 @@ def model_from_entry(entry: Any) -> Model | None:
     if "embedContent" in methods or "batchEmbedContents" in methods:
         return Model(model_id, context, embeddings=True, reported=True)
     return None
-
-
-class GoogleErrors:
-    """Google's ``{"error": {"code", "message", "status"}}`` as an OpenAI error envelope, with
-    the provider's status and (already scrubbed) message."""
-
-    __slots__ = ("backend",)
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> None:
-        if isinstance(exc, UpstreamStatusError):
-            converted = openai_status_error(self.backend, exc)
-            if converted is not exc:
-                raise converted from exc
 
 
 def openai_status_error(backend: Backend, exc: UpstreamStatusError) -> UpstreamStatusError:

@@ -90,8 +90,7 @@ class OllamaAdapter(HTTPAdapter):
 
     async def open_stream(self, backend: Backend, call: Call) -> StartedStream:
         payload = encode_request(chat_request(call.body, call.model, stream=True))
-        options = call.body.get("stream_options")
-        usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        usage = call.include_usage
         idle = self.timeouts.stream_idle
         return await self.open_events(
             backend,

@@ -8,7 +8,7 @@ logs), and the client's own Authorization is never forwarded to Google. Models c
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
@@ -26,7 +26,7 @@ from ..errors import InvalidRequest, JSONDict, UpstreamProtocolError, UpstreamSt
 from ..registry import Backend, Model
 from .base import Call, Completion, HTTPAdapter, Probe, StartedStream, encode_request, parse_json
 from .http1 import Response
-from .sse import SSEStream, is_done, joined
+from .sse import SSEStream, is_done, writes
 
 MAX_PAGES = 20  # a model list longer than 20 pages of 1000 is not a model list
 _ERROR_TYPES = {
@@ -182,7 +182,7 @@ class GeminiStream(SSEStream):
         translator = self._translator
         try:
             while (events := await self._next(translator)) is not None:
-                for item in _items(events):
+                for item in writes(events):
                     yield item
                     if is_done(item):  # an error event from Gemini: its answer is over
                         return
@@ -190,21 +190,7 @@ class GeminiStream(SSEStream):
             if not self._started:  # an empty 200: this backend failed, the next may serve
                 name = self._backend.name
                 raise UpstreamProtocolError(name, f"Backend '{name}' sent an empty stream")
-            for item in _items(translator.close()):
+            for item in writes(translator.close()):
                 yield item
         finally:
             await self.aclose()
-
-
-def _items(events: list[bytes]) -> Iterator[bytes]:
-    """Events of one read as few writes as possible; one carrying ``usage`` alone (dispatch
-    reads usage from an item's first event)."""
-    start = 0
-    for index, event in enumerate(events):
-        if b'"usage":{' in event:
-            if index > start:
-                yield joined(events, start, index)
-            start = index + 1
-            yield event
-    if start < len(events):
-        yield joined(events, start, len(events))

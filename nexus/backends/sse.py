@@ -8,7 +8,7 @@ ending an event cannot hold a stream open.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Protocol
 
 import orjson
@@ -75,6 +75,24 @@ def joined(events: list[bytes], start: int, end: int) -> bytes:
     return events[start] if end - start == 1 else b"".join(events[start:end])
 
 
+def writes(events: list[bytes]) -> Iterator[bytes]:
+    """Events that came in one read as few items (client writes) as possible: an event that
+    carries ``usage`` goes alone (dispatch reads usage from an item's first event), and the item
+    that ends with ``[DONE]`` is the last."""
+    start = 0
+    for index, event in enumerate(events):
+        if b'"usage":{' in event:
+            if index > start:
+                yield joined(events, start, index)
+            start = index + 1
+            yield event
+        elif is_done(event):
+            yield joined(events, start, index + 1)
+            return
+    if start < len(events):
+        yield joined(events, start, len(events))
+
+
 class Splitter(Protocol):
     def feed(self, data: bytes) -> list[bytes]: ...
 
@@ -101,19 +119,12 @@ class SSEStream:
         splitter = EventSplitter()
         try:
             while (events := await self._next(splitter)) is not None:
-                start = 0
-                for index, event in enumerate(events):
-                    if b'"usage":{' in event:
-                        if index > start:
-                            yield joined(events, start, index)
-                        start = index + 1
-                        yield event
-                    elif is_done(event):
+                for item in writes(events):
+                    if is_done(item):
                         self._finished = True  # before the yield: the reader stops at [DONE]
-                        yield joined(events, start, index + 1)
+                        yield item
                         return
-                if start < len(events):
-                    yield joined(events, start, len(events))
+                    yield item
             self._finished = True
             tail = splitter.tail()
             if tail is not None:

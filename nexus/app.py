@@ -17,8 +17,8 @@ from .api.errors import HANDLERS
 from .api.guard import Guard
 from .api.middleware import GatewayMiddleware
 from .api.openai import ChatCompletions, Embeddings, Models
-from .backends import Adapters, HTTP1Client, Timeouts
-from .config import Settings
+from .backends import Adapters, HTTP1Client, ProxyRules, Timeouts
+from .config import Settings, upstream_network
 from .dashboard import dashboard_routes
 from .discovery import Discovery
 from .dispatch import Dispatcher
@@ -37,6 +37,7 @@ def create_app(
     settings: Settings, *, environ: Mapping[str, str] | None = None
 ) -> GatewayMiddleware:
     settings.server.require_admin_key(environ)
+    network = upstream_network(environ)
     specs = settings.backends or embedded_default(settings.embedded.enabled)
     registry = Registry(backend_from(spec, environ) for spec in specs)
 
@@ -50,7 +51,16 @@ def create_app(
                 connect_timeout=settings.server.connect_timeout_seconds,
                 max_connections=settings.server.max_concurrent_requests,
                 max_response_bytes=settings.server.max_response_bytes,
+                proxies=ProxyRules(network),
             )
+            for scheme, proxy in (("http", network.http_proxy), ("https", network.https_proxy)):
+                if proxy is not None:
+                    log.info(
+                        "%s upstreams go through the proxy %s (NO_PROXY: %s; loopback direct)",
+                        scheme,
+                        proxy.shown,
+                        ",".join(network.no_proxy) or "none",
+                    )
             stack.push_async_callback(client.aclose)
             adapters = Adapters(client, timeouts_of(settings))
             health = HealthChecker(registry, adapters, settings.health_check)

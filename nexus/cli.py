@@ -22,6 +22,7 @@ from .config import (
     Settings,
     config_path_from_env,
     load_settings,
+    upstream_network,
 )
 
 log = logging.getLogger("nexus.cli")
@@ -70,6 +71,11 @@ def serve(
         settings.server.require_admin_key()
     except ConfigError as exc:
         click.echo(f"Error: {path}: {exc}", err=True)
+        sys.exit(1)
+    try:
+        upstream_network()
+    except ConfigError as exc:
+        click.echo(f"Error: environment: {exc}", err=True)
         sys.exit(1)
     run(settings, path)
 

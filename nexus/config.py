@@ -6,6 +6,7 @@ environment. Unknown keys are errors that name the key and suggest the closest k
 
 from __future__ import annotations
 
+import base64
 import difflib
 import os
 import re
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -27,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from .redact import scrub
+from .redact import redact_url, scrub
 
 MAX_ALIAS_HOPS = 3
 LOCAL_TYPES = frozenset({"ollama", "vllm", "llamacpp", "lmstudio", "exo", "generic"})
@@ -357,6 +358,75 @@ def secret(variable: str | None, environ: Mapping[str, str] | None = None) -> st
     env = os.environ if environ is None else environ
     # Surrounding whitespace (a trailing newline from a .env file) is never part of a key.
     return env.get(variable, "").strip() or None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyServer:
+    """An HTTP proxy from ``HTTPS_PROXY`` / ``HTTP_PROXY``."""
+
+    host: str
+    port: int
+    authorization: str | None  # "Basic ..." from the URL's user and password
+    shown: str  # the URL with its password masked, for logs and errors
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamNetwork:
+    """How upstream calls leave the machine: proxies and trusted CAs, from the environment."""
+
+    http_proxy: ProxyServer | None = None
+    https_proxy: ProxyServer | None = None
+    no_proxy: tuple[str, ...] = ()
+
+
+def upstream_network(environ: Mapping[str, str] | None = None) -> UpstreamNetwork:
+    """``HTTPS_PROXY``, ``HTTP_PROXY`` and ``NO_PROXY`` (lower-case names win, as in curl and
+    requests), validated; ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` must exist when set (OpenSSL
+    reads them itself, and would silently ignore a wrong path)."""
+    env = os.environ if environ is None else environ
+
+    def value(name: str) -> tuple[str, str] | None:
+        for variable in (name.lower(), name.upper()):
+            if env.get(variable, "").strip():
+                return variable, env[variable].strip()
+        return None
+
+    for variable in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+        path = env.get(variable, "").strip()
+        if path and not Path(path).exists():
+            raise ConfigError(f"{variable}: '{path}' does not exist (it names the trusted CAs)")
+    proxies: dict[str, ProxyServer | None] = {}
+    for name in ("HTTPS_PROXY", "HTTP_PROXY"):
+        found = value(name)
+        proxies[name] = _proxy_server(*found) if found else None
+    no_proxy = value("NO_PROXY")
+    entries = re.split(r"[,\s]+", no_proxy[1].lower()) if no_proxy else []
+    return UpstreamNetwork(
+        http_proxy=proxies["HTTP_PROXY"],
+        https_proxy=proxies["HTTPS_PROXY"],
+        no_proxy=tuple(entry for entry in entries if entry),
+    )
+
+
+def _proxy_server(variable: str, url: str) -> ProxyServer:
+    if "://" not in url:
+        url = f"http://{url}"  # "proxy:3128", as curl reads it
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 80
+    except ValueError as exc:
+        raise ConfigError(f"{variable}: '{shown}' is not a proxy URL ({exc})") from None
+    if parts.scheme != "http" or not parts.hostname:
+        raise ConfigError(
+            f"{variable}: '{shown}' is not supported; give an http:// proxy "
+            "(https upstreams still get end-to-end TLS through its CONNECT tunnel)"
+        )
+    authorization = None
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        authorization = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+    return ProxyServer(parts.hostname, port, authorization, shown)
 
 
 def cache_dir(environ: Mapping[str, str] | None = None) -> Path:

@@ -8,6 +8,7 @@ OpenAI-compatible dialect (vLLM, llama.cpp, ...), the Ollama fake speaks Ollama'
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
 from collections import deque
@@ -101,6 +102,7 @@ class FakeUpstream:
         self.disconnected_at: list[float] = []
         self.port = 0
         self.runner: web.AppRunner | None = None
+        self.tls: ssl.SSLContext | None = None  # set before start to serve https
 
     # --- scripting -------------------------------------------------------------------------
     def push(self, path: str, *replies: Reply) -> None:
@@ -126,7 +128,7 @@ class FakeUpstream:
     async def start(self) -> None:
         self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self.runner, "127.0.0.1", self.port, ssl_context=self.tls)
         await site.start()
         server = site._server
         assert server is not None and server.sockets  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ from .google import GoogleAdapter
 from .http1 import HTTP1Client
 from .ollama import OllamaAdapter
 from .openai import PROFILES, OpenAIAdapter
+from .proxy import ProxyRules
 
 __all__ = [
     "Adapter",
@@ -17,6 +18,7 @@ __all__ = [
     "EventStream",
     "StartedStream",
     "HTTP1Client",
+    "ProxyRules",
     "Timeouts",
     "SUPPORTED_TYPES",
 ]

@@ -30,6 +30,9 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from ..config import ProxyServer
+from .proxy import ProxyRules
+
 HIGH_WATER = 256 * 1024  # stop reading from the socket while this much is waiting unread
 MAX_IDLE_PER_HOST = 256
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -62,11 +65,13 @@ class Target:
     scheme: str
     host: str
     port: int
-    path: bytes  # path and query, already encoded
+    path: bytes  # path and query, already encoded: the request line's target
     host_header: bytes
+    proxy: ProxyServer | None = None
+    proxy_headers: tuple[bytes, ...] = ()  # sent to an http proxy with every request
 
     @classmethod
-    def parse(cls, url: str) -> Target:
+    def parse(cls, url: str, proxies: ProxyRules | None = None) -> Target:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url}")
@@ -76,13 +81,24 @@ class Target:
         )
         host = parts.hostname
         shown = f"[{host}]" if ":" in host else host
+        host_header = shown if default else f"{shown}:{port}"
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        proxy = proxies.proxy_for(parts.scheme, host, port) if proxies is not None else None
+        proxy_headers: tuple[bytes, ...] = ()
+        if proxy is not None and parts.scheme == "http":
+            # Through an http proxy a plain-http request names its whole URL (absolute form);
+            # https goes through a CONNECT tunnel and is sent as to the server itself.
+            path = f"http://{host_header}{path}"
+            if proxy.authorization:
+                proxy_headers = (f"Proxy-Authorization: {proxy.authorization}".encode("latin-1"),)
         return cls(
             parts.scheme,
             host,
             port,
             path.encode("ascii"),
-            (shown if default else f"{shown}:{port}").encode("ascii"),
+            host_header.encode("ascii"),
+            proxy,
+            proxy_headers,
         )
 
     @property
@@ -339,6 +355,45 @@ class Response:
         return self._conn is None
 
 
+class _TunnelOpener(asyncio.Protocol):
+    """Reads a proxy's answer to CONNECT: its status line and headers, nothing after them."""
+
+    MAX_HEAD = 16 * 1024
+
+    def __init__(self) -> None:
+        self.reply: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.status_line = ""
+        self._head = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.reply.done():
+            return
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > self.MAX_HEAD:
+                self._fail("an endless answer to CONNECT")
+            return
+        line = self._head.split(b"\r\n", 1)[0].decode("latin-1")
+        self.status_line = line.partition(" ")[2].strip()[:200]
+        version, _, rest = line.partition(" ")
+        code = rest[:3]
+        if not version.startswith("HTTP/1.") or not code.isdigit():
+            self._fail(f"not HTTP in answer to CONNECT: {line[:80]!r}")
+        elif end + 4 != len(self._head) and code == "200":
+            self._fail("bytes after the proxy's answer to CONNECT")
+        else:
+            self.reply.set_result(int(code))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail("the proxy closed the connection during CONNECT")
+
+    def _fail(self, reason: str) -> None:
+        if not self.reply.done():
+            self.reply.set_exception(ConnectFailed(reason))
+            self.reply.exception()  # retrieved: a caller that timed out leaves no warning
+
+
 class HTTP1Client:
     def __init__(
         self,
@@ -347,7 +402,9 @@ class HTTP1Client:
         connect_timeout: float = 5.0,
         max_connections: int = 1000,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
+        proxies: ProxyRules | None = None,
     ) -> None:
+        self.proxies = proxies
         self.keepalive_seconds = keepalive_seconds
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
@@ -365,7 +422,7 @@ class HTTP1Client:
         if target is None:
             if len(self._targets) > 4096:  # backends come and go; never grow without bound
                 self._targets.clear()
-            target = self._targets[url] = Target.parse(url)
+            target = self._targets[url] = Target.parse(url, self.proxies)
         return target
 
     async def request(
@@ -378,6 +435,8 @@ class HTTP1Client:
         ]
         for name, value in headers.items():
             head.append(f"{name}: {value}".encode("latin-1"))
+        if target.proxy_headers:
+            head.extend(target.proxy_headers)
         if body or method in ("POST", "PUT", "PATCH"):
             head.append(b"Content-Length: " + str(len(body)).encode("ascii"))
         request = b"\r\n".join(head) + b"\r\n\r\n" + body
@@ -433,27 +492,75 @@ class HTTP1Client:
             made.append(_Connection(loop, self))
             return made[-1]
 
+        proxy = target.proxy
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, protocol = await loop.create_connection(
-                    factory,
-                    target.host,
-                    target.port,
-                    ssl=self._ssl_context() if target.scheme == "https" else None,
-                )
+                if proxy is None:
+                    _, protocol = await loop.create_connection(
+                        factory,
+                        target.host,
+                        target.port,
+                        ssl=self._ssl_context() if target.scheme == "https" else None,
+                    )
+                elif target.scheme == "http":
+                    _, protocol = await loop.create_connection(factory, proxy.host, proxy.port)
+                else:
+                    protocol = await self._tunnel(loop, target, proxy, factory)
         except BaseException as exc:
             if made:
                 made[0].close()
             else:
                 self._slot_freed()
+            where = f"{target.host}:{target.port}"
+            if proxy is not None:
+                where += f" through the proxy {proxy.shown}"
             if isinstance(exc, TimeoutError):
-                raise ConnectFailed(
-                    f"connecting to {target.host}:{target.port} timed out"
-                ) from None
+                raise ConnectFailed(f"connecting to {where} timed out") from None
+            if isinstance(exc, ConnectFailed):
+                raise
             if isinstance(exc, OSError):
-                raise ConnectFailed(exc.strerror or str(exc)) from exc
+                reason = exc.strerror or str(exc)
+                if proxy is not None:
+                    reason = f"{reason} (connecting to {where})"
+                raise ConnectFailed(reason) from exc
             raise
         return protocol
+
+    async def _tunnel(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        target: Target,
+        proxy: ProxyServer,
+        factory: Callable[[], _Connection],
+    ) -> _Connection:
+        """Open a CONNECT tunnel through ``proxy`` and start TLS with the server inside it."""
+        transport, opener = await loop.create_connection(_TunnelOpener, proxy.host, proxy.port)
+        try:
+            authority = target.host_header.decode("ascii")
+            if target.port == 443:
+                authority += ":443"
+            request = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+            if proxy.authorization:
+                request += f"Proxy-Authorization: {proxy.authorization}\r\n"
+            transport.write(request.encode("latin-1") + b"\r\n")
+            status = await opener.reply
+            if status != 200:
+                hint = " (check the user and password in the proxy URL)" if status == 407 else ""
+                raise ConnectFailed(
+                    f"the proxy {proxy.shown} refused the tunnel to {authority}: "
+                    f"{opener.status_line}{hint}"
+                )
+            conn = factory()
+            tls = await loop.start_tls(
+                transport, conn, self._ssl_context(), server_hostname=target.host
+            )
+            if tls is None:  # the loop gave up on TLS without raising
+                raise ConnectFailed(f"no TLS session with {authority}")
+            conn.connection_made(tls)
+            return conn
+        except BaseException:
+            transport.close()
+            raise
 
     def _evict_idle(self) -> bool:
         """Close the longest-idle connection to make room for another; False when none is idle."""
@@ -529,8 +636,10 @@ class HTTP1Client:
             self._reaper = loop.call_at(next_due + self.keepalive_seconds, self._reap)
 
     def _ssl_context(self) -> ssl.SSLContext:
+        # The system store; OpenSSL reads SSL_CERT_FILE and SSL_CERT_DIR (checked at start-up).
         if self._ssl is None:
             self._ssl = ssl.create_default_context()
+            self._ssl.set_alpn_protocols(["http/1.1"])
         return self._ssl
 
     async def aclose(self) -> None:

@@ -91,6 +91,33 @@ def test_config_init_writes_a_file_that_check_accepts(tmp_path):
     assert "backend(s)" in check.stdout
 
 
+def test_config_init_commented_backends_are_valid_when_uncommented(tmp_path):
+    """The commented examples in `nexus config init` (the cloud ones among them) work as written
+    once their `#` is removed."""
+    target = tmp_path / "nexus.toml"
+    assert run_cli("config", "init", "-o", str(target)).returncode == 0
+    blocks: list[list[str]] = []
+    current: list[str] | None = None
+    for line in target.read_text(encoding="utf-8").splitlines():
+        if line == "# [[backends]]":
+            current = []
+            blocks.append(current)
+        elif current is not None and (" = " in line or line.startswith("# [backends.")):
+            current.append(line[2:])
+        else:
+            current = None  # anything else ends the example being read
+    wanted = [block for block in blocks if any("type = " in line for line in block)]
+    types = {line.split("=")[1].strip().strip('"') for b in wanted for line in b if "type" in line}
+    assert {"openai", "anthropic", "google"} <= types
+    cloud = "".join("\n[[backends]]\n" + "\n".join(block) + "\n" for block in wanted)
+    cloud_only = write(tmp_path / "cloud.toml", "[embedded]\nenabled = false\n" + cloud)
+    settings = load_settings(cloud_only)
+    by_type = {backend.type: backend for backend in settings.backends}
+    assert by_type["anthropic"].url == "https://api.anthropic.com"
+    assert by_type["google"].url == "https://generativelanguage.googleapis.com"
+    assert by_type["anthropic"].api_key_env == "ANTHROPIC_API_KEY"
+
+
 def test_config_init_refuses_to_overwrite_without_force(tmp_path):
     target = write(tmp_path / "nexus.toml", "# my precious config\n")
     result = run_cli("config", "init", "-o", str(target))

@@ -229,7 +229,8 @@ class Dispatcher:
             adapter = self.adapters.for_type(step.backend.type)
             if adapter is None:
                 continue
-            call = Call(body, raw, step.model, upstream_headers(step, client, request_id))
+            headers = upstream_headers(step, client, request_id)
+            call = Call(body, raw, step.model, headers, request.requirements.estimated_tokens)
             step.backend.in_flight += 1
             step.backend.total_requests += 1
             try:
@@ -245,6 +246,8 @@ class Dispatcher:
             trace.backend, trace.route_reason = step.backend.name, served.route_reason
             trace.fallback_model = step.fallback
             return result, served
+        if last is not None and plan.exclusions:
+            last.context = plan.context(self.registry, [])
         raise last or ServiceUnavailable(f"No backend could serve model '{plan.requested}'")
 
     async def _relay(

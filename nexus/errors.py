@@ -206,17 +206,7 @@ class NoHealthyBackend(ServiceUnavailable):
         return body
 
     def headers(self) -> dict[str, str]:
-        excluded = self.context.get("excluded") or []
-        stages: dict[str, int] = {}
-        for item in excluded:
-            stages[item["stage"]] = stages.get(item["stage"], 0) + 1
-        counts = ", ".join(f"{stage} ({n})" for stage, n in stages.items())
-        headers = {
-            "X-Nexus-Rejection-Reasons": f"{len(excluded)} backend(s) excluded: {counts}"
-            if excluded
-            else "no backend serves this model",
-            "X-Nexus-Rejection-Details": _header_json(excluded),
-        }
+        headers = rejection_headers(self.context)
         eta = self.context.get("eta_seconds")
         if eta is not None:
             headers["Retry-After"] = str(max(1, math.ceil(eta)))
@@ -260,6 +250,21 @@ class ConnectionLimitReached(ServiceUnavailable):
         return {"Retry-After": "1"}
 
 
+def rejection_headers(context: JSONDict) -> dict[str, str]:
+    """``X-Nexus-Rejection-*``: the backends a plan left out, and why, for header readers."""
+    excluded = context.get("excluded") or []
+    stages: dict[str, int] = {}
+    for item in excluded:
+        stages[item["stage"]] = stages.get(item["stage"], 0) + 1
+    counts = ", ".join(f"{stage} ({n})" for stage, n in stages.items())
+    return {
+        "X-Nexus-Rejection-Reasons": f"{len(excluded)} backend(s) excluded: {counts}"
+        if excluded
+        else "no backend serves this model",
+        "X-Nexus-Rejection-Details": _header_json(excluded),
+    }
+
+
 def _header_json(items: list[Any], limit: int = 4000) -> str:
     """ASCII JSON for a header value, trimmed to whole items under ``limit`` characters."""
     text = json.dumps(items, ensure_ascii=True, separators=(",", ":"))
@@ -273,10 +278,21 @@ class UpstreamError(NexusError):
     """A backend failed. ``retryable`` says whether the next candidate may be tried."""
 
     retryable: ClassVar[bool] = True
+    # Set when this failure ends a walk whose plan left other backends out (privacy, tier...):
+    # the client learns why nobody else was tried, as from a 503's context.
+    context: JSONDict | None = None
 
     def __init__(self, backend: str, message: str) -> None:
         super().__init__(message)
         self.backend = backend
+
+    def body(self) -> bytes:
+        if self.context is None:
+            return super().body()
+        return orjson.dumps({**self.envelope(), "context": self.context})
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.context is None else rejection_headers(self.context)
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -328,7 +344,10 @@ class UpstreamStatusError(UpstreamError):
         return 502 if self.upstream_status >= 500 else self.upstream_status
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": self.retry_after} if self.retry_after else {}
+        headers = super().headers()
+        if self.retry_after:
+            headers["Retry-After"] = self.retry_after
+        return headers
 
     @property
     def error_type(self) -> str:

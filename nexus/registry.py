@@ -32,6 +32,8 @@ class Model:
     # True when the server itself reported the capabilities (Ollama's /api/show); False when
     # they were guessed from the model's name, and a "no" may be wrong.
     reported: bool = False
+    # The largest answer the model may give, when its server says (Anthropic's max_tokens).
+    max_output_tokens: int | None = None
 
     def capabilities(self) -> dict[str, bool]:
         return {

@@ -20,9 +20,15 @@ from .http1 import Response
 from .sse import DONE, SSEStream
 
 VERSION = "2023-06-01"
-# Sent when the client sets no max_tokens (Anthropic requires one): every Claude model takes
-# 4096, the older ones no more.
+# Sent when the client sets no max_tokens (Anthropic requires one): the model's own largest
+# max_tokens from the model list, as OpenAI's "no limit" means, but no more than the context
+# leaves (Anthropic refuses a prompt plus max_tokens past the window); 4096 (every Claude model
+# takes it, the oldest no more) when the list does not say.
 DEFAULT_MAX_TOKENS = 4096
+# The prompt estimate counts text only: tools, images and the estimate's own error get this
+# much room, and the estimate a quarter more.
+UNCOUNTED_PROMPT = 2048
+FLOOR_MAX_TOKENS = 1024
 # Current Claude models: a 200k window, images and tools (used when the list says nothing).
 DEFAULT_CONTEXT = 200_000
 _MAX_PAGES = 10  # a model list longer than 10 x 1000 entries is not a real one
@@ -55,7 +61,7 @@ class AnthropicAdapter(HTTPAdapter):
         return Probe(models)
 
     async def chat(self, backend: Backend, call: Call) -> Completion:
-        payload = self._payload(call, stream=False)
+        payload = self._payload(backend, call, stream=False)
         body = await self.post_json(
             backend, "/v1/messages", payload, self._call_headers(backend, call)
         )
@@ -66,7 +72,7 @@ class AnthropicAdapter(HTTPAdapter):
         return Completion(orjson.dumps(completion), completion["usage"])
 
     async def open_stream(self, backend: Backend, call: Call) -> StartedStream:
-        payload = self._payload(call, stream=True)
+        payload = self._payload(backend, call, stream=True)
         usage, model = call.include_usage, call.requested_model
         idle = self.timeouts.stream_idle
         return await self.open_events(
@@ -82,8 +88,8 @@ class AnthropicAdapter(HTTPAdapter):
         envelope = dialect.error_event("not_found_error", message)
         raise UpstreamStatusError(backend.name, 404, orjson.dumps(envelope))
 
-    def _payload(self, call: Call, *, stream: bool) -> bytes:
-        request = dialect.messages_request(call.body, call.model, DEFAULT_MAX_TOKENS)
+    def _payload(self, backend: Backend, call: Call, *, stream: bool) -> bytes:
+        request = dialect.messages_request(call.body, call.model, default_max_tokens(backend, call))
         if stream:
             request["stream"] = True
         else:
@@ -102,6 +108,16 @@ def _id(entry: dict[str, object]) -> bool:
     return isinstance(entry.get("id"), str)
 
 
+def default_max_tokens(backend: Backend, call: Call) -> int:
+    """``max_tokens`` for a client that set none: the model's largest answer that fits."""
+    model = backend.models.get(call.model)
+    if model is None or not model.max_output_tokens:
+        return DEFAULT_MAX_TOKENS
+    context = model.context_length or DEFAULT_CONTEXT
+    room = context - call.prompt_tokens * 5 // 4 - UNCOUNTED_PROMPT
+    return min(model.max_output_tokens, max(room, FLOOR_MAX_TOKENS))
+
+
 def _model(entry: dict[str, object]) -> Model:
     model_id = str(entry["id"])
     reported = entry.get("max_input_tokens")
@@ -109,6 +125,7 @@ def _model(entry: dict[str, object]) -> Model:
     caps = entry.get("capabilities")
     image = caps.get("image_input") if isinstance(caps, dict) else None
     vision = image.get("supported") is not False if isinstance(image, dict) else True
+    most = entry.get("max_tokens")
     return Model(
         id=model_id,
         context_length=context,
@@ -117,6 +134,7 @@ def _model(entry: dict[str, object]) -> Model:
         json_mode=False,  # no JSON mode in Messages: untranslatable() names it
         embeddings=False,
         reported=True,  # known for the API, not guessed from the name
+        max_output_tokens=most if isinstance(most, int) and most > 0 else None,
     )
 
 

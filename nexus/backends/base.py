@@ -63,6 +63,7 @@ class Call:
     raw: bytes  # the client's bytes, used as-is when nothing had to change
     model: str  # the backend's own name for the model
     headers: Mapping[str, str]  # upstream headers decided by dispatch (auth, request id)
+    prompt_tokens: int = 0  # the router's estimate of the prompt (text only)
 
     @property
     def requested_model(self) -> str:

@@ -68,6 +68,7 @@ class GoogleAdapter(HTTPAdapter):
         return Probe(models)
 
     async def chat(self, backend: Backend, call: Call) -> Completion:
+        _check_kind(backend, call, embeddings=False)
         payload = _generate_payload(call.body)
         body = await self.post_json(
             backend, _model_path(call.model, "generateContent"), payload, self.headers(backend)
@@ -79,6 +80,7 @@ class GoogleAdapter(HTTPAdapter):
         return Completion(orjson.dumps(completion), completion.get("usage"))
 
     async def open_stream(self, backend: Backend, call: Call) -> StartedStream:
+        _check_kind(backend, call, embeddings=False)
         payload = _generate_payload(call.body)
         usage, model = call.include_usage, call.requested_model
         idle = self.timeouts.stream_idle
@@ -91,6 +93,7 @@ class GoogleAdapter(HTTPAdapter):
         )
 
     async def embeddings(self, backend: Backend, call: Call) -> Completion:
+        _check_kind(backend, call, embeddings=True)
         inputs = call.body.get("input")
         if isinstance(inputs, str):
             inputs = [inputs]
@@ -120,6 +123,22 @@ def _generate_payload(body: JSONDict) -> bytes:
         raise InvalidRequest(f"This request cannot be sent to a Gemini backend: {exc}") from None
 
 
+def _check_kind(backend: Backend, call: Call, *, embeddings: bool) -> None:
+    """Chat goes only to models Google lists with generateContent, embeddings only to those it
+    lists with embedContent: the other way round is the client's mistake, said before calling."""
+    model = backend.models.get(call.model)
+    name = call.requested_model
+    if model is None:
+        return
+    if embeddings and not model.embeddings:
+        why = f"Model '{name}' is a Gemini chat model: use /v1/chat/completions"
+    elif not embeddings and not model.tools:  # every model listed with generateContent has tools
+        why = f"Model '{name}' is a Gemini embedding model: use /v1/embeddings"
+    else:
+        return
+    raise InvalidRequest(why, param="model")
+
+
 def _model_path(model: str, method: str) -> str:
     return f"/v1beta/models/{quote(model.removeprefix('models/'), safe='')}:{method}"
 
@@ -133,10 +152,19 @@ def model_from_entry(entry: Any) -> Model | None:
     limit = entry.get("inputTokenLimit")
     context = limit if isinstance(limit, int) and limit > 0 else None
     model_id = entry["name"].removeprefix("models/")
+    embeds = "embedContent" in methods or "batchEmbedContents" in methods
     if "generateContent" in methods:
         # Gemini chat models take images, tools and JSON schemas alike.
-        return Model(model_id, context, vision=True, tools=True, json_mode=True, reported=True)
-    if "embedContent" in methods or "batchEmbedContents" in methods:
+        return Model(
+            model_id,
+            context,
+            vision=True,
+            tools=True,
+            json_mode=True,
+            embeddings=embeds,
+            reported=True,
+        )
+    if embeds:
         return Model(model_id, context, embeddings=True, reported=True)
     return None
 

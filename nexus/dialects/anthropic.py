@@ -155,8 +155,7 @@ def _messages_request(body: JSONDict, model: str, default_max_tokens: int) -> JS
     out: JSONDict = {"model": model, "messages": turns}
     if system:
         out["system"] = system
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    out["max_tokens"] = max_tokens if isinstance(max_tokens, int) else default_max_tokens
+    out["max_tokens"] = _max_tokens(body, default_max_tokens)
     stop = body.get("stop")
     if stop:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
@@ -167,6 +166,19 @@ def _messages_request(body: JSONDict, model: str, default_max_tokens: int) -> JS
         out["metadata"] = {"user_id": body["user"]}
     _add_tools(body, out)
     return out
+
+
+def _max_tokens(body: JSONDict, default: int) -> int:
+    """The client's limit (``max_completion_tokens`` first, as OpenAI reads them), else the
+    model's default: Anthropic requires one."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidRequest(f"'{key}' must be a non-negative integer", param=key)
+        return value
+    return default
 
 
 def _add_tools(body: JSONDict, out: JSONDict) -> None:

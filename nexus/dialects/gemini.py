@@ -251,7 +251,9 @@ def _generation_config(body: JSONDict) -> JSONDict:
     ):
         if body.get(ours) is not None:
             config[theirs] = body[ours]
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    limit = body.get("max_completion_tokens")
+    if limit is None:  # present but null: the other one still counts
+        limit = body.get("max_tokens")
     if limit is not None:
         config["maxOutputTokens"] = limit
     stop = body.get("stop")

@@ -1,10 +1,12 @@
 """Anthropic's Messages API behind Nexus, read by the official ``openai`` SDK: answers, streams,
-tool calls, health from the free model list, errors and failover. Every request the fake
-receives is checked against Anthropic's published schema."""
+tool calls, images, health from the free model list, errors and failover. Every request the fake
+receives is checked against Anthropic's published schema, and every answer a client reads
+(each stream chunk included) against OpenAI's."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -12,7 +14,8 @@ import orjson
 import pytest
 
 from nexus.registry import Status
-from tests.contract import anthropic_spec, openapi
+from tests.contract import anthropic_spec
+from tests.contract.openai_answers import CheckedClients, streamed_tool_calls
 from tests.fakes import FakeOpenAI, FakeUpstream, Recorded, Reply
 from tests.harness import data_events, settings_for, wait_for
 
@@ -112,13 +115,20 @@ def entry(name: str, fake: FakeUpstream, priority: int = 50) -> dict[str, Any]:
 
 
 @pytest.fixture
-def setup(keyed, start_fake, start_nexus):
+def checked() -> Iterator[CheckedClients]:
+    """Clients whose every answer must fit OpenAI's schema, checked when the test ends."""
+    clients = CheckedClients()
+    yield clients
+    assert clients.check() > 0
+
+
+@pytest.fixture
+def setup(keyed, start_fake, start_nexus, checked):
     fake = start_fake(FakeAnthropic([MODEL]))
     nexus = start_nexus(settings_for(backends=[entry("claude", fake)]))
     backend = nexus.gateway.registry.get("claude")
     assert wait_for(lambda: backend.status is Status.HEALTHY), backend.last_error
-    sdk = openai.OpenAI(base_url=nexus.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
-    return fake, nexus, sdk
+    return fake, nexus, checked.sdk(nexus.url, CLIENT_KEY)
 
 
 def test_a_text_answer_reads_as_openai_with_the_requested_model(setup):
@@ -134,20 +144,19 @@ def test_a_text_answer_reads_as_openai_with_the_requested_model(setup):
     assert answer.choices[0].finish_reason == "stop"
     assert answer.model == MODEL
     assert answer.usage is not None and answer.usage.prompt_tokens == 12
-    openapi.validate("CreateChatCompletionResponse", answer.model_dump(exclude_unset=True))
 
     (sent,) = fake.messages()
     body = sent.json
     assert body["system"] == [{"type": "text", "text": "Be brief."}]
-    assert body["max_tokens"] == 4096  # the documented default when the client sets none
+    assert body["max_tokens"] == 64000  # the model's largest (the list says so): no limit set
     assert body["stop_sequences"] == ["END"]
     assert body["metadata"] == {"user_id": "u-1"}
     assert "stream" not in body
 
 
-def test_models_come_from_the_free_model_list(setup, client):
+def test_models_come_from_the_free_model_list(setup, checked):
     fake, nexus, _ = setup
-    rows = {row["id"]: row for row in client.get(nexus.url + "/v1/models").json()["data"]}
+    rows = {row["id"]: row for row in checked.http().get(nexus.url + "/v1/models").json()["data"]}
     assert rows[MODEL]["context_length"] == 200000
     assert fake.calls("/v1/messages") == []  # the probe never calls a billed endpoint
     probes = [r for r in fake.requests if r.path == "/v1/models"]
@@ -165,10 +174,10 @@ def test_a_text_stream_with_usage(setup):
     assert text == "Hello"
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "stop"
+    assert chunks[-1].choices == []  # include_usage: a final chunk with the usage only
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    assert all(c.usage is None for c in chunks[:-1])
     assert all(c.model == MODEL for c in chunks)
-    for c in chunks:
-        openapi.validate("CreateChatCompletionStreamResponse", c.model_dump(exclude_unset=True))
     (sent,) = fake.messages()
     assert sent.json["stream"] is True
 
@@ -215,15 +224,34 @@ def test_a_streamed_tool_call_arrives_in_fragments(setup):
             )
         )
         calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
-        assert calls[0].id == "toolu_01" and calls[0].function is not None
-        assert calls[0].function.name == "get_weather"
         fragments = [tc.function.arguments for tc in calls if tc.function]
         assert len([f for f in fragments if f]) == 3
-        assert json.loads("".join(f or "" for f in fragments)) == {"city": "Paris"}
-        assert {tc.index for tc in calls} == {0}
+        (call,) = streamed_tool_calls(chunks)  # id and name first, then arguments only
+        assert call["id"] == "toolu_01" and call["function"]["name"] == "get_weather"
+        assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
     sent = fake.messages()
     assert sent[0].json["tools"][0]["input_schema"] == WEATHER_TOOL["function"]["parameters"]
+
+
+def test_a_streamed_tool_call_goes_back_with_its_result(setup):
+    fake, _, sdk = setup
+    fake.push("/v1/messages", Reply(events=tool_events()))
+    first = sdk.chat.completions.create(
+        model=MODEL, messages=USER, tools=[WEATHER_TOOL], stream=True
+    )
+    calls = streamed_tool_calls(first)
+    assistant = {"role": "assistant", "content": None, "tool_calls": calls}
+    result = {"role": "tool", "tool_call_id": calls[0]["id"], "content": "sunny"}
+    second = sdk.chat.completions.create(
+        model=MODEL, messages=[*USER, assistant, result], tools=[WEATHER_TOOL], stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in second if c.choices) == "Hello"
+    _, sent = (r.json for r in fake.messages())
+    use = {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"city": "Paris"}}
+    assert sent["messages"][1] == {"role": "assistant", "content": [use]}
+    answer = {"type": "tool_result", "tool_use_id": "toolu_01", "content": "sunny"}
+    assert sent["messages"][2] == {"role": "user", "content": [answer]}
 
 
 def test_a_tool_call_round_trip(setup):
@@ -265,7 +293,58 @@ def test_a_provider_error_comes_back_as_an_openai_envelope(setup):
     assert isinstance(body, dict)
     assert body["message"] == "max_tokens: too big"
     assert body["type"] == "invalid_request_error"
-    openapi.validate("ErrorResponse", caught.value.response.json())
+
+
+PNG = "iVBORw0KGgo="
+
+
+def test_images_go_as_base64_and_url_sources(setup):
+    fake, _, sdk = setup
+    content: list[Any] = [
+        {"type": "text", "text": "Same cat?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+        {"type": "image_url", "image_url": {"url": "https://example.test/cat.jpg"}},
+    ]
+    answer = sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}]
+    )
+    assert answer.choices[0].message.content == "Hello!"
+    (sent,) = fake.messages()
+    assert sent.json["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Same cat?"},
+                {
+                    "type": "image",
+                    "source": {"type": "base64", "media_type": "image/png", "data": PNG},
+                },
+                {"type": "image", "source": {"type": "url", "url": "https://example.test/cat.jpg"}},
+            ],
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}}},
+    ],
+    ids=["json_object", "json_schema"],
+)
+def test_json_mode_is_refused_with_the_reason(setup, response_format):
+    # Messages has no JSON mode: dropping response_format would change the answer.
+    fake, _, sdk = setup
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.chat.completions.create(model=MODEL, messages=USER, response_format=response_format)
+    body = caught.value.body
+    assert isinstance(body, dict) and body["code"] == "capability_mismatch"
+    (excluded,) = caught.value.response.json()["context"]["excluded"]
+    assert excluded["backend"] == "claude" and excluded["stage"] == "capabilities"
+    reason = f"response_format {response_format['type']} (no JSON mode in Anthropic Messages)"
+    assert reason in excluded["reason"]
+    assert fake.messages() == []
 
 
 def test_a_bad_key_makes_the_backend_unhealthy_with_the_reason(keyed, start_fake, start_nexus):
@@ -280,7 +359,7 @@ def test_a_bad_key_makes_the_backend_unhealthy_with_the_reason(keyed, start_fake
     assert fake.calls("/v1/messages") == []
 
 
-def test_overloaded_fails_over_to_the_next_backend(keyed, start_fake, start_nexus):
+def test_overloaded_fails_over_to_the_next_backend(keyed, start_fake, start_nexus, checked):
     first = start_fake(FakeAnthropic([MODEL]))
     second = start_fake(FakeAnthropic([MODEL]))
     nexus = start_nexus(
@@ -292,7 +371,7 @@ def test_overloaded_fails_over_to_the_next_backend(keyed, start_fake, start_nexu
     backends = [nexus.gateway.registry.get(name) for name in ("primary", "secondary")]
     assert wait_for(lambda: all(b.status is Status.HEALTHY for b in backends))
     first.push("/v1/messages", anthropic_error(529, "overloaded_error", "Overloaded"))
-    sdk = openai.OpenAI(base_url=nexus.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    sdk = checked.sdk(nexus.url, CLIENT_KEY)
     answer = sdk.chat.completions.with_raw_response.create(model=MODEL, messages=USER)
     assert answer.headers["x-nexus-backend"] == "secondary"
     assert answer.parse().choices[0].message.content == "Hello!"
@@ -300,8 +379,9 @@ def test_overloaded_fails_over_to_the_next_backend(keyed, start_fake, start_nexu
 
 
 def test_an_untranslatable_request_goes_elsewhere_or_gets_the_reason(
-    keyed, start_fake, start_nexus, client
+    keyed, start_fake, start_nexus, checked
 ):
+    client = checked.http()
     claude = start_fake(FakeAnthropic([MODEL]))
     other = start_fake(FakeOpenAI([MODEL]))
     nexus = start_nexus(settings_for(backends=[entry("claude", claude, priority=1)]))
@@ -332,7 +412,7 @@ OVERLOADED = {"type": "overloaded_error", "message": "Overloaded"}
     ],
     ids=["status-529", "error-event-first"],
 )
-def test_an_overloaded_stream_start_fails_over(keyed, start_fake, start_nexus, failure):
+def test_an_overloaded_stream_start_fails_over(keyed, start_fake, start_nexus, checked, failure):
     first = start_fake(FakeAnthropic([MODEL]))
     second = start_fake(FakeAnthropic([MODEL]))
     nexus = start_nexus(
@@ -344,18 +424,18 @@ def test_an_overloaded_stream_start_fails_over(keyed, start_fake, start_nexus, f
     backends = [nexus.gateway.registry.get(name) for name in ("primary", "secondary")]
     assert wait_for(lambda: all(b.status is Status.HEALTHY for b in backends))
     first.push("/v1/messages", failure)
-    sdk = openai.OpenAI(base_url=nexus.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    sdk = checked.sdk(nexus.url, CLIENT_KEY)
     chunks = list(sdk.chat.completions.create(model=MODEL, messages=USER, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello"
     assert len(first.messages()) == 1 and len(second.messages()) == 1
 
 
-def test_an_error_mid_stream_ends_it_with_an_openai_error_event(setup, client):
+def test_an_error_mid_stream_ends_it_with_an_openai_error_event(setup, checked):
     fake, nexus, _ = setup
     events = text_events("Hel")[:4] + [event("error", error=OVERLOADED)]
     fake.push("/v1/messages", Reply(events=events))
     body = {"model": MODEL, "messages": USER, "stream": True}
-    resp = client.post(nexus.url + "/v1/chat/completions", json=body)
+    resp = checked.http().post(nexus.url + "/v1/chat/completions", json=body)
     got = data_events(resp.text)
     assert got[-1] == "[DONE]"
     error = json.loads(got[-2])["error"]

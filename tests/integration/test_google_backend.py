@@ -1,12 +1,14 @@
 """Google Gemini behind Nexus: the official openai SDK in front, a fake Gemini server behind.
 
-Every request the fake receives is checked against Gemini's discovery document, and every key
-check looks at the raw request: the key only in ``x-goog-api-key``, never in the URL, and never
-the client's Authorization.
+Every request the fake receives is checked against Gemini's discovery document, every answer a
+client reads (each stream chunk included) against OpenAI's schema, and every key check looks at
+the raw request: the key only in ``x-goog-api-key``, never in the URL, and never the client's
+Authorization.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -15,7 +17,8 @@ import pytest
 from aiohttp import web
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.contract import gemini_discovery, openapi
+from tests.contract import gemini_discovery
+from tests.contract.openai_answers import CheckedClients, streamed_tool_calls
 from tests.fakes import FakeOpenAI, FakeUpstream, Recorded, Reply
 from tests.harness import data_events, settings_for, wait_for
 
@@ -101,11 +104,24 @@ class FakeGemini(FakeUpstream):
         return web.json_response({"error": {"code": 404, "message": "no", "status": "NOT_FOUND"}})
 
     def generate(self, method: str) -> list[Recorded]:
-        return self.calls(f"/v1beta/models/{MODEL}:{method}")
+        """The ``generateContent``/``streamGenerateContent`` calls, each checked against the
+        discovery document."""
+        calls = self.calls(f"/v1beta/models/{MODEL}:{method}")
+        for call in calls:
+            gemini_discovery.validate("GenerateContentRequest", call.json)
+        return calls
 
 
 @pytest.fixture
-def gemini(start_fake, start_nexus, monkeypatch):
+def checked() -> Iterator[CheckedClients]:
+    """Clients whose every answer must fit OpenAI's schema, checked when the test ends."""
+    clients = CheckedClients()
+    yield clients
+    assert clients.check() > 0
+
+
+@pytest.fixture
+def gemini(start_fake, start_nexus, monkeypatch, checked):
     monkeypatch.setenv("NEXUS_TEST_GEMINI_KEY", KEY)
     fake = start_fake(FakeGemini())
     nexus = start_nexus(
@@ -120,8 +136,7 @@ def gemini(start_fake, start_nexus, monkeypatch):
             ]
         )
     )
-    sdk = openai.OpenAI(base_url=nexus.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
-    return fake, nexus, sdk
+    return fake, nexus, checked.sdk(nexus.url, CLIENT_KEY)
 
 
 def assert_key_only_in_header(fake: FakeGemini) -> None:
@@ -134,9 +149,9 @@ def assert_key_only_in_header(fake: FakeGemini) -> None:
         assert CLIENT_KEY not in " ".join(headers.values())
 
 
-def test_models_come_from_every_page_without_prefix(gemini, client):
+def test_models_come_from_every_page_without_prefix(gemini, checked):
     fake, nexus, sdk = gemini
-    rows = {row["id"]: row for row in client.get(f"{nexus.url}/v1/models").json()["data"]}
+    rows = {row["id"]: row for row in checked.http().get(f"{nexus.url}/v1/models").json()["data"]}
     assert set(rows) == {MODEL, "gemini-embedding-001"}
     assert rows[MODEL]["context_length"] == 1048576
     assert rows["gemini-embedding-001"]["capabilities"]["embeddings"] is True
@@ -161,15 +176,13 @@ def test_text_answer(gemini):
     assert completion.choices[0].finish_reason == "stop"
     assert completion.model == MODEL
     assert completion.usage is not None and completion.usage.total_tokens == 6
-    openapi.validate("CreateChatCompletionResponse", completion.model_dump(exclude_unset=True))
     sent = fake.generate("generateContent")[0].json
-    gemini_discovery.validate("GenerateContentRequest", sent)
     assert sent["systemInstruction"] == {"parts": [{"text": "be brief"}]}
     assert sent["generationConfig"]["maxOutputTokens"] == 50
     assert_key_only_in_header(fake)
 
 
-def test_stream_ends_with_done_and_usage(gemini, client):
+def test_stream_ends_with_done_and_usage(gemini, checked):
     fake, nexus, sdk = gemini
     events = [
         sse({"candidates": [{"content": {"role": "model", "parts": [{"text": "Hel"}]}}]}),
@@ -183,11 +196,13 @@ def test_stream_ends_with_done_and_usage(gemini, client):
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "Hello"
+    assert chunks[-1].choices == []  # include_usage: a final chunk with the usage only
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 6
+    assert all(c.usage is None for c in chunks[:-1])
     assert fake.queries[-1] == "alt=sse"
-    gemini_discovery.validate("GenerateContentRequest", fake.calls(path)[0].json)
+    assert fake.generate("streamGenerateContent")[0].json["contents"]
 
-    raw = client.post(
+    raw = checked.http().post(
         f"{nexus.url}/v1/chat/completions", json={"model": MODEL, "messages": USER, "stream": True}
     )
     assert data_events(raw.text)[-1] == "[DONE]"
@@ -228,13 +243,63 @@ def test_tool_call_round_trip(gemini):
     ]
     second = sdk.chat.completions.create(model=MODEL, messages=messages, tools=tools)
     assert second.choices[0].message.content == "Sunny."
-    sent = [r.json for r in fake.calls(path)]
-    for body in sent:
-        gemini_discovery.validate("GenerateContentRequest", body)
-    parts = [p for c in sent[1]["contents"] for p in c["parts"]]
-    assert any(p.get("functionCall", {}).get("name") == "weather" for p in parts)
-    response = next(p["functionResponse"] for p in parts if "functionResponse" in p)
-    assert response["name"] == "weather"
+    sent = [r.json for r in fake.generate("generateContent")]
+    assert sent[1]["contents"][1:] == [
+        {"role": "model", "parts": [call]},
+        {
+            "role": "user",
+            "parts": [
+                {
+                    "functionResponse": {
+                        "id": "fc-1",
+                        "name": "weather",
+                        "response": {"sky": "clear"},
+                    }
+                }
+            ],
+        },
+    ]
+
+
+def test_streamed_tool_call_round_trip(gemini):
+    # Gemini sends a call whole: one fragment with index, id, name and all the arguments.
+    fake, _, sdk = gemini
+    call = {"functionCall": {"id": "fc-7", "name": "weather", "args": {"city": "Oslo"}}}
+    path = f"/v1beta/models/{MODEL}:streamGenerateContent"
+    fake.push(
+        path,
+        Reply(events=[sse(answer({"text": "Checking."}, call))]),
+        Reply(events=[sse(answer({"text": "Sunny."}))]),
+    )
+    chunks = list(sdk.chat.completions.create(model=MODEL, messages=USER, stream=True))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    (tool_call,) = streamed_tool_calls(chunks)
+    assert tool_call["id"] == "fc-7" and tool_call["function"]["name"] == "weather"
+    assert orjson.loads(tool_call["function"]["arguments"]) == {"city": "Oslo"}
+
+    messages: list[Any] = [
+        *USER,
+        {"role": "assistant", "content": "Checking.", "tool_calls": [tool_call]},
+        {"role": "tool", "tool_call_id": "fc-7", "content": "sunny"},
+    ]
+    second = sdk.chat.completions.create(model=MODEL, messages=messages, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in second if c.choices) == "Sunny."
+    sent = fake.generate("streamGenerateContent")[1].json
+    assert sent["contents"][1:] == [
+        {"role": "model", "parts": [{"text": "Checking."}, call]},
+        {
+            "role": "user",
+            "parts": [
+                {
+                    "functionResponse": {
+                        "id": "fc-7",
+                        "name": "weather",
+                        "response": {"result": "sunny"},
+                    }
+                }
+            ],
+        },
+    ]
 
 
 def test_json_mode(gemini):
@@ -245,9 +310,37 @@ def test_json_mode(gemini):
         model=MODEL, messages=USER, response_format={"type": "json_object"}
     )
     assert orjson.loads(completion.choices[0].message.content or "") == {"ok": True}
-    sent = fake.calls(path)[0].json
-    gemini_discovery.validate("GenerateContentRequest", sent)
+    sent = fake.generate("generateContent")[0].json
     assert sent["generationConfig"]["responseMimeType"] == "application/json"
+    assert "responseSchema" not in sent["generationConfig"]
+
+
+def test_json_schema_mode(gemini):
+    fake, _, sdk = gemini
+    path = f"/v1beta/models/{MODEL}:generateContent"
+    fake.push(path, Reply(json=answer({"text": '{"city": "Oslo"}'})))
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    completion = sdk.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "place", "schema": schema, "strict": True},
+        },
+    )
+    assert orjson.loads(completion.choices[0].message.content or "") == {"city": "Oslo"}
+    config = fake.generate("generateContent")[0].json["generationConfig"]
+    assert config["responseMimeType"] == "application/json"
+    assert config["responseSchema"] == {
+        "type": "OBJECT",
+        "properties": {"city": {"type": "STRING"}},
+        "required": ["city"],
+    }
 
 
 def test_embeddings(gemini):
@@ -271,6 +364,7 @@ def test_google_error_becomes_openai_envelope(gemini):
     assert body["message"] == "Permission denied"
     assert body["code"] == "permission_denied"
     assert body["type"] == "permission_error"
+    assert len(fake.generate("generateContent")) == 1
 
 
 def test_bad_key_makes_backend_unhealthy_with_reason(start_fake, start_nexus, client, monkeypatch):
@@ -300,8 +394,9 @@ def test_bad_key_makes_backend_unhealthy_with_reason(start_fake, start_nexus, cl
     assert {r.path for r in fake.requests} == {"/v1beta/models"}
 
 
-def test_request_without_faithful_gemini_form_excludes_the_backend(gemini, client):
+def test_request_without_faithful_gemini_form_excludes_the_backend(gemini, checked):
     fake, nexus, _ = gemini
+    client = checked.http()
     body = {"model": MODEL, "messages": USER, "n": 2}
     resp = client.post(f"{nexus.url}/v1/chat/completions", json=body)
     assert resp.status_code in (400, 503)
@@ -309,7 +404,9 @@ def test_request_without_faithful_gemini_form_excludes_the_backend(gemini, clien
     assert fake.generate("generateContent") == []
 
 
-def test_untranslatable_request_goes_to_another_backend(start_fake, start_nexus, monkeypatch):
+def test_untranslatable_request_goes_to_another_backend(
+    start_fake, start_nexus, monkeypatch, checked
+):
     monkeypatch.setenv("NEXUS_TEST_GEMINI_KEY", KEY)
     fake = start_fake(FakeGemini())
     other = start_fake(FakeOpenAI([MODEL]))
@@ -327,7 +424,7 @@ def test_untranslatable_request_goes_to_another_backend(start_fake, start_nexus,
             ]
         )
     )
-    sdk = openai.OpenAI(base_url=nexus.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    sdk = checked.sdk(nexus.url, CLIENT_KEY)
     raw = sdk.chat.completions.with_raw_response.create(model=MODEL, messages=USER, n=2)
     assert raw.headers["x-nexus-backend"] == "local"
     assert fake.generate("generateContent") == []
@@ -357,28 +454,45 @@ def test_stream_of_tool_calls_in_one_write(gemini):
         {"city": "Bergen"},
     ]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert all(c["id"] for c in streamed_tool_calls(chunks))  # made up where Gemini has none
+    assert len(fake.generate("streamGenerateContent")) == 1
 
 
 def test_image_goes_inline(gemini):
     fake, _, sdk = gemini
     path = f"/v1beta/models/{MODEL}:generateContent"
     fake.push(path, Reply(json=answer({"text": "a cat"})))
-    content = [
+    content: list[Any] = [
         {"type": "text", "text": "what is this?"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
     ]
-    sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}])
-    sent = fake.calls(path)[0].json
-    gemini_discovery.validate("GenerateContentRequest", sent)
-    assert sent["contents"][0]["parts"][1] == {
-        "inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}
-    }
+    completion = sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}]
+    )
+    assert completion.choices[0].message.content == "a cat"
+    sent = fake.generate("generateContent")[0].json
+    assert sent["contents"][0]["parts"] == [
+        {"text": "what is this?"},
+        {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}},
+    ]
+
+    # A remote URL would need a download: the backend is left out with the reason.
+    content[1] = {"type": "image_url", "image_url": {"url": "https://example.test/cat.png"}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}])
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["code"] == "capability_mismatch"
+    (excluded,) = caught.value.response.json()["context"]["excluded"]
+    assert "base64 data: URLs" in excluded["reason"]
+    assert len(fake.generate("generateContent")) == 1
 
 
 @pytest.mark.parametrize(
     "failure", [Reply(status=503), Reply(status=429), Reply(events=[b": hi\n\n"])]
 )
-def test_overloaded_or_empty_gemini_fails_over(start_fake, start_nexus, monkeypatch, failure):
+def test_overloaded_or_empty_gemini_fails_over(
+    start_fake, start_nexus, monkeypatch, checked, failure
+):
     monkeypatch.setenv("NEXUS_TEST_GEMINI_KEY", KEY)
     fake = start_fake(FakeGemini())
     other = start_fake(FakeOpenAI([MODEL]))
@@ -401,13 +515,13 @@ def test_overloaded_or_empty_gemini_fails_over(start_fake, start_nexus, monkeypa
             "error": {"code": failure.status, "message": "busy", "status": "UNAVAILABLE"}
         }
     fake.push(f"/v1beta/models/{MODEL}:streamGenerateContent", failure)
-    sdk = openai.OpenAI(base_url=nexus.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    sdk = checked.sdk(nexus.url, CLIENT_KEY)
     with sdk.chat.completions.with_streaming_response.create(
         model=MODEL, messages=USER, stream=True
     ) as resp:
         assert resp.headers["x-nexus-backend"] == "local"
         assert data_events(resp.read().decode())[-1] == "[DONE]"
-    assert len(fake.calls(f"/v1beta/models/{MODEL}:streamGenerateContent")) == 1
+    assert len(fake.generate("streamGenerateContent")) == 1
 
 
 def test_last_backend_429_keeps_retry_after_as_openai_envelope(gemini):
@@ -420,3 +534,4 @@ def test_last_backend_429_keeps_retry_after_as_openai_envelope(gemini):
     assert caught.value.response.headers["retry-after"] == "7"
     body = caught.value.body
     assert isinstance(body, dict) and body["message"] == "Quota exceeded"
+    assert len(fake.generate("generateContent")) == 1

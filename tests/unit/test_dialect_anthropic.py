@@ -241,6 +241,30 @@ def test_sampling_fields_limits_and_user() -> None:
 
 
 @pytest.mark.parametrize(
+    ("limits", "sent"),
+    [
+        ({"max_completion_tokens": 9, "max_tokens": 50}, 9),  # the newer name wins, as in OpenAI
+        ({"max_completion_tokens": None, "max_tokens": 50}, 50),  # null is unset, not "default"
+        ({"max_tokens": None}, 321),
+        ({"max_tokens": 0}, 0),  # Anthropic's prompt-cache warm-up: kept, not replaced
+        ({}, 321),
+    ],
+)
+def test_max_tokens_from_either_name_else_the_model_default(limits: JSONDict, sent: int) -> None:
+    body = {"messages": [user("hi")], **limits}
+    assert translate(body, default_max_tokens=321)["max_tokens"] == sent
+
+
+@pytest.mark.parametrize("value", ["50", 5.5, True, -1, [50]])
+def test_a_max_tokens_that_is_not_a_count_is_a_client_error(value: Any) -> None:
+    # Replacing it by the default would change the answer the client asked for.
+    for key in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(InvalidRequest, match=key) as caught:
+            messages_request({"messages": [user("hi")], key: value}, "claude-x", 4096)
+        assert caught.value.param == key
+
+
+@pytest.mark.parametrize(
     ("extra", "reason"),
     [
         ({"n": 2}, "n > 1"),

@@ -243,6 +243,11 @@ def test_generation_config() -> None:
     assert config == {"maxOutputTokens": 9, "stopSequences": ["x"], "candidateCount": 1}
 
 
+def test_a_null_max_completion_tokens_leaves_max_tokens_in_force() -> None:
+    body = chat(user("hi"), max_completion_tokens=None, max_tokens=50)
+    assert generate_request(body)["generationConfig"] == {"maxOutputTokens": 50}
+
+
 @pytest.mark.parametrize(("effort", "budget"), [("none", 0), ("low", 1024), ("high", 24576)])
 def test_reasoning_effort_becomes_a_thinking_budget(effort: str, budget: int) -> None:
     config = generate_request(chat(user("hi"), reasoning_effort=effort))["generationConfig"]
@@ -337,6 +342,34 @@ def test_schema_examples_removed() -> None:
 def test_schema_exclusive_bounds_removed_and_inclusive_kept() -> None:
     reduced = gemini_schema({"type": "number", "exclusiveMinimum": 0, "maximum": 5})
     assert reduced == {"type": "NUMBER", "maximum": 5}
+
+
+@pytest.mark.parametrize(
+    "keyword",
+    [
+        {"$id": "urn:x"},
+        {"$comment": "why"},
+        {"exclusiveMaximum": 9},
+        {"multipleOf": 2},
+        {"readOnly": True},
+        {"writeOnly": True},
+        {"deprecated": True},
+        {"uniqueItems": True},
+        {"contains": {"type": "integer"}},
+        {"patternProperties": {"^x": {"type": "string"}}},
+        {"propertyNames": {"pattern": "^x"}},
+        {"not": {"type": "string"}},
+        {"if": {"type": "integer"}, "then": {"minimum": 1}, "else": {"maximum": 0}},
+        {"dependentRequired": {"a": ["b"]}},
+        {"unevaluatedProperties": False},
+        {"contentEncoding": "base64"},
+    ],
+    ids=lambda keyword: "+".join(keyword),
+)
+def test_schema_other_keywords_outside_gemini_schema_removed(keyword: dict[str, Any]) -> None:
+    reduced = gemini_schema({"type": "integer", "minimum": 1, **keyword})
+    assert reduced == {"type": "INTEGER", "minimum": 1}
+    gemini_discovery.validate("Schema", reduced)
 
 
 def test_schema_ref_and_defs_inlined() -> None:

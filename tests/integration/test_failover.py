@@ -55,7 +55,10 @@ def pair(start_fake):
 
 
 def start_pair(start_nexus, pair, **sections: Any):
+    """``first`` is tried first: by priority alone, so a slow probe on a busy box (smart scoring
+    counts probe latency) cannot reorder the pair."""
     first, second = pair
+    sections["routing"] = {"strategy": "priority_only", **sections.get("routing", {})}
     return start_nexus(
         settings_for(
             backends=[backend("first", first, 1), backend("second", second, 2)], **sections

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Mapping
 
 from starlette.applications import Starlette
@@ -18,7 +19,10 @@ from .api.guard import Guard
 from .api.middleware import GatewayMiddleware
 from .api.openai import ChatCompletions, Embeddings, Models
 from .backends import Adapters, HTTP1Client, ProxyRules, Timeouts
-from .config import Settings, upstream_network
+from .config import ConfigError, Settings, state_path, upstream_network
+from .cost.ledger import Ledger
+from .cost.meter import CostMeter
+from .cost.pricing import PriceBook
 from .dashboard import dashboard_routes
 from .discovery import Discovery
 from .dispatch import Dispatcher
@@ -29,6 +33,7 @@ from .managed import ManagedError, ManagedServer, embedded_default
 from .queueing import RequestQueue
 from .registry import Backend, Registry, Status
 from .routing.planner import Router
+from .state.sqlite import SQLiteStore
 
 log = logging.getLogger("nexus.app")
 
@@ -62,6 +67,8 @@ def create_app(
                         ",".join(network.no_proxy) or "none",
                     )
             stack.push_async_callback(client.aclose)
+            meter = await open_meter(settings, environ)
+            stack.push_async_callback(meter.ledger.aclose)
             adapters = Adapters(client, timeouts_of(settings))
             health = HealthChecker(registry, adapters, settings.health_check)
             queue = settings.queue
@@ -69,14 +76,15 @@ def create_app(
                 registry,
                 adapters,
                 health,
-                Router(registry, settings.routing, settings.quality),
+                Router(registry, settings.routing, settings.quality, budget=meter),
                 queue=RequestQueue(queue.max_size) if queue.enabled and queue.max_size else None,
                 max_wait_seconds=queue.max_wait_seconds,
                 max_retries=settings.routing.max_retries,
+                meter=meter,
             )
             # Capacity back through health (recovery, discovery, the admin API) wakes the queue.
             health.on_capacity = dispatcher.capacity_returned
-            app.state.gateway = Gateway(settings, registry, health, dispatcher)
+            app.state.gateway = Gateway(settings, registry, health, dispatcher, meter=meter)
             for backend in registry:
                 if backend.unavailable:
                     log.warning("backend %s is unusable: %s", backend.name, backend.unavailable)
@@ -135,6 +143,22 @@ def create_app(
     ]
     starlette = Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=lifespan)
     return GatewayMiddleware(starlette, hot_routes, Guard.of(settings.server))
+
+
+async def open_meter(settings: Settings, environ: Mapping[str, str] | None) -> CostMeter:
+    """Prices (the genai-prices snapshot is read off the loop) and the month's spend so far."""
+    prices = PriceBook(settings.pricing)
+    await asyncio.to_thread(prices.load)
+    path = state_path(settings.state, environ)
+    try:
+        store = await asyncio.to_thread(SQLiteStore, path)
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(f"state.path: cannot open the state database {path}: {exc}") from None
+    ledger = Ledger(
+        settings.routing.budget, store, flush_interval=settings.state.flush_interval_seconds
+    )
+    await ledger.load()
+    return CostMeter(prices, ledger)
 
 
 def timeouts_of(settings: Settings) -> Timeouts:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sqlite3
 import sys
 from collections.abc import Callable
 from importlib import resources
@@ -22,8 +23,10 @@ from .config import (
     Settings,
     config_path_from_env,
     load_settings,
+    state_path,
     upstream_network,
 )
+from .state.sqlite import SQLiteStore
 
 log = logging.getLogger("nexus.cli")
 P = ParamSpec("P")
@@ -76,6 +79,13 @@ def serve(
         upstream_network()
     except ConfigError as exc:
         click.echo(f"Error: environment: {exc}", err=True)
+        sys.exit(1)
+    state = state_path(settings.state)
+    try:  # the month's spend lives there: no start without it
+        SQLiteStore(state).close()
+    except (OSError, sqlite3.Error) as exc:
+        click.echo(f"Error: {path}: state.path: cannot open the state database {state}: {exc}",
+                   err=True)  # fmt: skip
         sys.exit(1)
     run(settings, path)
 

@@ -31,6 +31,7 @@ DETECT_TIMEOUT = 2.0
 STATUS_STYLES = {"healthy": "green", "unhealthy": "red", "unknown": "yellow"}
 HEALTH_STYLES = {"healthy": "green", "degraded": "yellow", "unhealthy": "red"}
 DASH = "-"
+BUDGET_STYLES = {"SoftLimit": "yellow", "HardLimit": "bold red"}
 
 
 class CliError(Exception):
@@ -284,6 +285,7 @@ def models_table(models: Iterable[Mapping[str, Any]]) -> Table:
     table.add_column("Backends")
     table.add_column("Context", justify="right")
     table.add_column("Capabilities")
+    table.add_column("$/Mtok in / out", justify="right")
     for model in models:
         capabilities = model.get("capabilities") or {}
         shown = [name for name, on in capabilities.items() if on]
@@ -293,6 +295,7 @@ def models_table(models: Iterable[Mapping[str, Any]]) -> Table:
             Text(", ".join(model.get("backends") or [str(model.get("owned_by", ""))])),
             DASH if context is None else f"{context:,}",
             Text(", ".join(shown) or DASH),
+            price(model.get("pricing")),
         )
     return table
 
@@ -331,6 +334,9 @@ def stats_tables(stats: Mapping[str, Any]) -> list[Table]:
     summary.add_row("Latency ms (p50/p95/p99)", percentiles(totals.get("latency_ms")))
     summary.add_row("TTFT ms (p50/p95/p99)", percentiles(totals.get("ttft_ms")))
     summary.add_row("Tokens (prompt/completion)", tokens(totals.get("tokens")))
+    budget = stats.get("budget")
+    if isinstance(budget, Mapping):
+        summary.add_row(f"Spend {budget.get('month', '')}", spend(budget))
 
     backends = Table(title="Per backend", title_justify="left")
     backends.add_column("Backend", no_wrap=True, min_width=7)
@@ -390,6 +396,30 @@ def number(value: Any) -> str:
     if value is None:
         return DASH
     return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def price(pricing: Any) -> str:
+    """``input / output`` USD per million tokens; a dash when the price is not known."""
+    if not isinstance(pricing, Mapping):
+        return DASH
+    return f"{usd(pricing.get('input_per_mtok'))} / {usd(pricing.get('output_per_mtok'))}"
+
+
+def usd(value: Any) -> str:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return DASH
+    return f"{value:,.2f}" if value >= 0.01 or value == 0 else f"{value:g}"
+
+
+def spend(budget: Mapping[str, Any]) -> Text:
+    """``$1.23 of $100.00 (1.2%, Normal)``; the month's spend alone without a limit."""
+    spent = budget.get("current_spending_usd", 0)
+    text = f"${spent:,.4f}" if isinstance(spent, int | float) else DASH
+    limit = budget.get("monthly_limit_usd")
+    status = str(budget.get("status", ""))
+    if isinstance(limit, int | float):
+        text += f" of ${limit:,.2f} ({budget.get('utilization_percent', 0)}%, {status})"
+    return Text(text, style=BUDGET_STYLES.get(status, ""))
 
 
 def percentiles(values: Any) -> str:

@@ -125,7 +125,7 @@ class TrafficPolicy(_Section):
     model_pattern: Annotated[str, Field(min_length=1)]  # a glob: "gpt-4*", "claude-*", "*"
     privacy: Literal["unrestricted", "restricted"] = "unrestricted"
     min_tier: Annotated[int, Field(ge=1, le=5)] | None = None
-    max_cost_per_request: float | None = None
+    max_cost_per_request: Annotated[float, Field(ge=0)] | None = None
     fallback_allowed: bool = True
 
     @field_validator("privacy", mode="before")
@@ -139,6 +139,24 @@ class BudgetSettings(_Section):
     soft_limit_percent: Annotated[float, Field(gt=0, le=100)] = 75.0
     hard_limit_action: Literal["warn", "block_cloud", "block_all"] = "warn"
     reconciliation_interval_secs: Annotated[int, Field(ge=1)] = 60
+
+
+class PricingEntry(_Section):
+    """A ``[[pricing]]`` entry: USD per million tokens for the models its glob matches (ours)."""
+
+    model_pattern: Annotated[str, Field(min_length=1)]
+    backend: Annotated[str, Field(min_length=1)] | None = None  # a glob over backend names
+    input_per_mtok: Annotated[float, Field(ge=0)]
+    output_per_mtok: Annotated[float, Field(ge=0)]
+    cached_input_per_mtok: Annotated[float, Field(ge=0)] | None = None  # default: input's
+    cache_write_per_mtok: Annotated[float, Field(ge=0)] | None = None  # default: input's
+
+
+class StateSettings(_Section):
+    """Where what must survive a restart (month-to-date spend) is kept (ours)."""
+
+    path: str | None = None  # default: $XDG_STATE_HOME/nexus/state.db (~/.local/state/nexus)
+    flush_interval_seconds: Annotated[float, Field(gt=0, le=1)] = 0.2
 
 
 class RoutingSettings(_Section):
@@ -329,6 +347,8 @@ class Settings(_Section):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
     history: HistorySettings = Field(default_factory=HistorySettings)
+    pricing: list[PricingEntry] = Field(default_factory=list)
+    state: StateSettings = Field(default_factory=StateSettings)
     backends: list[BackendSettings] = Field(default_factory=list)
 
     def key_variables(self) -> set[str]:
@@ -437,6 +457,16 @@ def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
         return Path(env["NEXUS_CACHE_DIR"])
     base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "nexus"
+
+
+def state_path(settings: StateSettings, environ: Mapping[str, str] | None = None) -> Path:
+    """The state database: ``[state] path``, else ``$XDG_STATE_HOME/nexus/state.db``, else
+    ``~/.local/state/nexus/state.db``."""
+    if settings.path:
+        return Path(settings.path).expanduser()
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "nexus" / "state.db"
 
 
 def host_name(value: str) -> str:

@@ -8,23 +8,33 @@ failover: a failure ends the stream with an error event and ``[DONE]``.
 
 Only a connection that could not be made marks a backend down; a timeout is a slow answer, not an
 outage, and counts against the backend's quality instead.
+
+A step on a priced backend first reserves its worst-case cost in the ledger; a reservation the
+budget refuses skips that step (stage ``budget``) as if the planner had left it out. The answer's
+real cost settles the reservation when it ends: from the backend's usage, else (no usage, a
+stream cut short, a client gone) from what is known to have been used.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
 import orjson
 
 from .backends import Adapter, Adapters, Call, Completion, StartedStream
 from .backends.sse import DONE, is_done
+from .cost.ledger import Reservation
+from .cost.meter import CostMeter, output_bound
+from .cost.pricing import Price
 from .errors import (
     JSONDict,
     NexusError,
+    NoHealthyBackend,
     Saturated,
     ServiceUnavailable,
     UpstreamConnectError,
@@ -35,7 +45,7 @@ from .queueing import QueueFull, RequestQueue
 from .redact import scrub_bytes
 from .registry import Backend, Registry
 from .routing.affinity import affinity_keys
-from .routing.planner import Plan, Router, RouteRequest, Step
+from .routing.planner import Exclusion, Plan, Router, RouteRequest, Step
 from .routing.requirements import chat_requirements, embedding_requirements
 from .telemetry.outcomes import Trace
 
@@ -52,6 +62,8 @@ class Served:
     step: Step
     route_reason: str
     attempts: int
+    cost: float | None = None  # USD: the real cost, or a stream's worst case before it starts
+    budget: tuple[tuple[bytes, bytes], ...] = ()  # X-Nexus-Budget-*, when not normal
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         backend = self.step.backend
@@ -63,7 +75,21 @@ class Served:
         ]
         if self.step.fallback is not None:
             headers.append((b"x-nexus-fallback-model", self.step.fallback.encode()))
+        if self.cost is not None:
+            headers.append((b"x-nexus-cost-estimated", f"{self.cost:.6f}".encode()))
+        if self.budget:
+            headers.extend(self.budget)
         return headers
+
+
+@dataclass(slots=True)
+class Charge:
+    """A priced attempt: its price, its worst case and what it holds in the ledger."""
+
+    price: Price
+    worst: float
+    reservation: Reservation | None
+    settled: bool = False
 
 
 @dataclass(slots=True)
@@ -84,7 +110,9 @@ class Dispatcher:
         max_wait_seconds: float = 30.0,
         max_retries: int = 2,
         clock: Callable[[], float] = time.monotonic,
+        meter: CostMeter | None = None,
     ) -> None:
+        self.meter = meter
         self.registry = registry
         self.adapters = adapters
         self.health = health
@@ -94,7 +122,9 @@ class Dispatcher:
         self.max_retries = max_retries
         self.clock = clock
 
-    def route_request(self, kind: Kind, body: JSONDict, client: Mapping[str, str]) -> RouteRequest:
+    def route_request(
+        self, kind: Kind, body: JSONDict, client: Mapping[str, str], size: int = 0
+    ) -> RouteRequest:
         """What the router needs to know of a request: its model, needs and headers."""
         model = body["model"]
         flexible = (
@@ -102,11 +132,11 @@ class Dispatcher:
             and client.get("x-nexus-flexible", "").strip().lower() == "true"
         )
         if kind == "embeddings":
-            return RouteRequest(model, embedding_requirements(body), flexible)
+            return RouteRequest(model, embedding_requirements(body, size), flexible)
         keys: tuple[int, ...] = ()
         if self.router.routing.affinity:
             keys = tuple(affinity_keys(model, body["messages"]))
-        return RouteRequest(model, chat_requirements(body, client), flexible, keys, body)
+        return RouteRequest(model, chat_requirements(body, client, size), flexible, keys, body)
 
     async def complete(
         self,
@@ -118,25 +148,38 @@ class Dispatcher:
         trace: Trace | None = None,
     ) -> tuple[Completion, Served]:
         """A whole (non-streaming) answer from the first step of the plan that gives one."""
-        request = self.route_request(kind, body, client)
+        request = self.route_request(kind, body, client, len(raw))
         trace = trace or Trace()
         trace.kind = kind
 
-        async def attempt(adapter: Adapter, step: Step, call: Call) -> Completion:
+        async def attempt(
+            adapter: Adapter, step: Step, call: Call, charge: Charge | None
+        ) -> Completion:
             started = self.clock()
             try:
                 if kind == "chat":
                     result = await adapter.chat(step.backend, call)
                 else:
                     result = await adapter.embeddings(step.backend, call)
+            except asyncio.CancelledError:
+                # The client left: the prompt was sent and is billed; the answer is unknown.
+                self._settle(charge, step, request, trace, None, output_tokens=0)
+                raise
+            except BaseException:
+                self._release_charge(charge)
+                raise
             finally:
                 self._release(step.backend)
                 trace.upstream_ms += (self.clock() - started) * 1000
             self._succeeded(step, request, (self.clock() - started) * 1000, None)
             trace.usage(result.usage)
+            self._settle(charge, step, request, trace, result.usage)
             return result
 
-        return await self._walk(request, body, raw, client, request_id, attempt, trace)
+        result, served = await self._walk(request, body, raw, client, request_id, attempt, trace)
+        if trace.cost_usd is not None or self.meter is not None:
+            served = self._priced(served, trace.cost_usd)
+        return result, served
 
     async def stream(
         self,
@@ -148,20 +191,29 @@ class Dispatcher:
     ) -> StreamResult:
         """Start a stream on the first step whose backend sends an event: that event is the
         commit point (the caller sends headers only then). The slot is held until the relay ends."""
-        request = self.route_request("chat", body, client)
+        request = self.route_request("chat", body, client, len(raw))
         trace = trace or Trace()
+        charges: list[Charge | None] = [None]
 
-        async def attempt(adapter: Adapter, step: Step, call: Call) -> StartedStream:
+        async def attempt(
+            adapter: Adapter, step: Step, call: Call, charge: Charge | None
+        ) -> StartedStream:
             try:
-                return await adapter.open_stream(step.backend, call)
+                opened = await adapter.open_stream(step.backend, call)
             except BaseException:
                 self._release(step.backend)
+                self._release_charge(charge)
                 raise
+            charges[0] = charge
+            return opened
 
         started = self.clock()
         upstream, served = await self._walk(request, body, raw, client, request_id, attempt, trace)
         trace.ttft_ms = (self.clock() - started) * 1000
-        events = self._relay(upstream, served.step, request, request_id, started, trace)
+        charge = charges[0]
+        if charge is not None or self.meter is not None:
+            served = self._priced(served, charge.worst if charge is not None else None)
+        events = self._relay(upstream, served.step, request, request_id, started, trace, charge)
         return StreamResult(served, events)
 
     async def _plan(self, request: RouteRequest) -> tuple[Plan, bool]:
@@ -211,44 +263,64 @@ class Dispatcher:
         raw: bytes,
         client: Mapping[str, str],
         request_id: str,
-        attempt: Callable[[Adapter, Step, Call], Awaitable[T]],
+        attempt: Callable[[Adapter, Step, Call, Charge | None], Awaitable[T]],
         trace: Trace,
     ) -> tuple[T, Served]:
         """Try the plan's steps in order until one answers; ``attempt`` owns the in-flight slot
         taken here (it releases it when the answer is complete, or at once when it fails)."""
-        trace.model = request.model
-        trace.stream = request.requirements.stream
-        plan, queued = await self._plan(request)
-        trace.stage_ns = plan.stage_ns
-        for exclusion in plan.exclusions:
-            trace.exclusions[exclusion.stage] = trace.exclusions.get(exclusion.stage, 0) + 1
-        last: UpstreamError | None = None
-        for index, step in enumerate(plan.steps[: self.max_retries + 1]):
-            trace.attempts = index + 1
-            trace.backend = step.backend.name  # a failure is counted against who failed
-            adapter = self.adapters.for_type(step.backend.type)
-            if adapter is None:
-                continue
-            headers = upstream_headers(step, client, request_id)
-            call = Call(body, raw, step.model, headers, request.requirements.estimated_tokens)
-            step.backend.in_flight += 1
-            step.backend.total_requests += 1
-            try:
-                result = await attempt(adapter, step, call)
-            except UpstreamError as exc:
-                self._failed(step, exc, request_id)
-                if not exc.retryable:
-                    raise
-                last = exc
-                continue
-            reason = "queued" if queued and index == 0 and step.fallback is None else None
-            served = Served(step, reason or plan.route_reason(index), index + 1)
-            trace.backend, trace.route_reason = step.backend.name, served.route_reason
-            trace.fallback_model = step.fallback
-            return result, served
-        if last is not None and plan.exclusions:
-            last.context = plan.context(self.registry, [])
-        raise last or ServiceUnavailable(f"No backend could serve model '{plan.requested}'")
+        try:
+            trace.model = request.model
+            trace.stream = request.requirements.stream
+            plan, queued = await self._plan(request)
+            trace.stage_ns = plan.stage_ns
+            for exclusion in plan.exclusions:
+                trace.exclusions[exclusion.stage] = trace.exclusions.get(exclusion.stage, 0) + 1
+            last: UpstreamError | None = None
+            refused = False
+            tries = 0
+            for index, step in enumerate(plan.steps):
+                if tries > self.max_retries:
+                    break
+                adapter = self.adapters.for_type(step.backend.type)
+                if adapter is None:
+                    continue
+                charge = self._charge(step, request) if self.meter is not None else None
+                if charge is not None and charge.reservation is None:
+                    # The budget cannot hold its worst case: as if planned out (not a try).
+                    refused = True
+                    plan.exclusions.append(budget_refusal(step, charge))
+                    continue
+                tries += 1
+                trace.attempts = tries
+                trace.backend = step.backend.name  # a failure is counted against who failed
+                headers = upstream_headers(step, client, request_id)
+                call = Call(body, raw, step.model, headers, request.requirements.estimated_tokens)
+                step.backend.in_flight += 1
+                step.backend.total_requests += 1
+                try:
+                    result = await attempt(adapter, step, call, charge)
+                except UpstreamError as exc:
+                    self._failed(step, exc, request_id)
+                    if not exc.retryable:
+                        raise
+                    last = exc
+                    continue
+                reason = "queued" if queued and index == 0 and step.fallback is None else None
+                if refused and last is None and step.fallback is None:
+                    reason = "budget-limit"  # the steps before were refused by the budget only
+                served = Served(step, reason or plan.route_reason(index), tries)
+                trace.backend, trace.route_reason = step.backend.name, served.route_reason
+                trace.fallback_model = step.fallback
+                return result, served
+            if last is not None and plan.exclusions:
+                last.context = plan.context(self.registry, [])
+            if last is None and refused:
+                message = f"The monthly budget cannot hold another request for '{plan.requested}'"
+                raise NoHealthyBackend(plan.requested, plan.context(self.registry, []), message)
+            raise last or ServiceUnavailable(f"No backend could serve model '{plan.requested}'")
+        except NexusError as exc:
+            self._tell_budget(exc)
+            raise
 
     async def _relay(
         self,
@@ -258,10 +330,12 @@ class Dispatcher:
         request_id: str,
         started: float,
         trace: Trace,
+        charge: Charge | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """The first event, then the rest one for one; always ends with ``[DONE]``; releases
-        the slot on exit."""
+        the slot on exit and settles what the stream cost."""
         done = is_done(upstream.first)
+        relayed = 1
         try:
             backend = step.backend
             # An error event from a backend with a key may echo it: masked like any other error.
@@ -272,6 +346,7 @@ class Dispatcher:
             yield scrub_bytes(first, secrets) if secrets and b'"error"' in first else first
             if not done:
                 async for event in upstream.rest:
+                    relayed += 1
                     if b'"usage":{' in event:
                         trace.usage(_usage_of(event))
                     if secrets and b'"error"' in event:
@@ -289,8 +364,82 @@ class Dispatcher:
             self._release(step.backend)
             trace.upstream_ms = (self.clock() - started) * 1000
             await upstream.aclose()
+            if upstream.usage is not None:
+                trace.usage(upstream.usage)
+            if charge is not None:  # no usage (cut short): about a token per event relayed
+                usage = upstream.usage if upstream.usage is not None else trace.last_usage
+                self._settle(charge, step, request, trace, usage, output_tokens=relayed)
         if not done:
             yield DONE
+
+    def _charge(self, step: Step, request: RouteRequest) -> Charge | None:
+        """Reserve the worst case of a call to a priced backend (None when it is free)."""
+        meter = self.meter
+        assert meter is not None
+        backend = step.backend
+        price = meter.price(backend, step.model)
+        if price is None:
+            return None
+        needs = request.requirements
+        worst = meter.bound(
+            price, backend, step.model, needs.prompt_bound, needs.max_tokens, needs.embeddings
+        )
+        reservation = meter.ledger.reserve(worst, cloud=backend.zone == "open")
+        return Charge(price, worst, reservation)
+
+    def _release_charge(self, charge: Charge | None) -> None:
+        if charge is not None and not charge.settled:
+            charge.settled = True
+            assert self.meter is not None
+            self.meter.ledger.release(charge.reservation)
+
+    def _settle(
+        self,
+        charge: Charge | None,
+        step: Step,
+        request: RouteRequest,
+        trace: Trace,
+        usage: object,
+        output_tokens: int | None = None,
+    ) -> None:
+        """Settle ``charge`` from the backend's ``usage``; without one, from the prompt bound
+        and ``output_tokens`` (the worst case when even that is unknown)."""
+        if charge is None or charge.settled:
+            return
+        charge.settled = True
+        meter = self.meter
+        assert meter is not None
+        counted = meter.cost(charge.price, usage)
+        if counted is not None:
+            cost, tokens = counted
+            prompt, completion = tokens.prompt, tokens.completion
+        else:
+            needs = request.requirements
+            prompt = needs.prompt_bound
+            if output_tokens is None:
+                output_tokens = output_bound(step.backend, step.model, needs.max_tokens, prompt)
+            completion = 0 if needs.embeddings else output_tokens
+            cost = charge.price.worst_case(prompt, completion)
+        meter.ledger.settle(
+            charge.reservation, cost, step.backend.name, step.model, prompt, completion
+        )
+        trace.cost_usd = cost if trace.cost_usd is None else trace.cost_usd + cost
+
+    def _tell_budget(self, exc: NexusError) -> None:
+        """An error answer carries the budget's status too, once it is not normal: a refusal
+        by the budget is where a client most needs it."""
+        if self.meter is not None:
+            budget = self.meter.ledger.headers()
+            if budget:
+                exc.extra_headers = {name.decode(): value.decode() for name, value in budget}
+
+    def _priced(self, served: Served, cost: float | None) -> Served:
+        """The cost and budget headers, added to what served."""
+        assert self.meter is not None
+        budget = tuple(self.meter.ledger.headers())
+        if cost is None and not budget:
+            return served
+        return replace(served, cost=cost, budget=budget)
 
     def _release(self, backend: Backend) -> None:
         backend.in_flight -= 1
@@ -330,6 +479,12 @@ class Dispatcher:
 
 BUSY = "Every backend that can serve this model is at capacity"
 QUEUE_TIMEOUT = ", and none came free while the request waited in the queue"
+
+
+def budget_refusal(step: Step, charge: Charge) -> Exclusion:
+    why = f"the monthly budget cannot hold this call's worst-case cost (${charge.worst:.6f})"
+    action = "set a lower max_tokens, raise [routing.budget] monthly_limit_usd, or wait"
+    return Exclusion(step.backend.name, step.model, "budget", why, action)
 
 
 def waits_for(plan: Plan) -> list[str]:

@@ -55,8 +55,15 @@ class NexusError(Exception):
     def status_code(self) -> int:
         return self.status
 
+    # Headers the error gained on its way out (the budget's status, say), beside its own.
+    extra_headers: dict[str, str] | None = None
+
     def headers(self) -> dict[str, str]:
         return {}
+
+    def all_headers(self) -> dict[str, str]:
+        own = self.headers()
+        return {**own, **self.extra_headers} if self.extra_headers else own
 
     def envelope(self) -> JSONDict:
         return error_envelope(self.message, self.type, self.code, self.param)

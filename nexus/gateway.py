@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 
 from .backends import SUPPORTED_TYPES
 from .config import BackendSettings, Settings
+from .cost.ledger import STATUS_LEVEL
+from .cost.meter import CostMeter
 from .dispatch import Dispatcher
 from .health import HealthChecker
 from .managed import ManagedServer
 from .registry import Backend, Registry, Status
 from .telemetry.history import History
-from .telemetry.metrics import FleetView, Metrics
+from .telemetry.metrics import FleetView, Metrics, SpendView
 from .telemetry.outcomes import Telemetry
 from .telemetry.stats import Stats
 
@@ -25,13 +27,14 @@ class Gateway:
     health: HealthChecker
     dispatcher: Dispatcher
     managed: list[ManagedServer] = field(default_factory=list)
+    meter: CostMeter | None = None
     telemetry: Telemetry = field(init=False)
     metrics: Metrics = field(init=False)
     stats: Stats = field(init=False)
     history: History = field(init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(self.known_model, self.fleet)
+        self.metrics = Metrics(self.known_model, self.fleet, self.spend)
         self.stats = Stats(self.known_model)
         self.history = History(self.settings.history.max_entries)
         self.telemetry = Telemetry([self.metrics, self.stats, self.history])
@@ -47,6 +50,21 @@ class Gateway:
             healthy={b.name: b.healthy for b in backends},
             models_available=len(self.registry.model_ids(healthy_only=True)),
             queue_depth=queue.depth if queue is not None else 0,
+        )
+
+    def spend(self) -> SpendView | None:
+        """The month's budget for the scrape-time gauges (None without a meter)."""
+        if self.meter is None:
+            return None
+        ledger = self.meter.ledger
+        status = ledger.status()  # first: a new month starts the spend again
+        return SpendView(
+            month=ledger.month,
+            spent_usd=ledger.spent,
+            reserved_usd=ledger.reserved,
+            status_level=STATUS_LEVEL[status],
+            limit_usd=ledger.limit,
+            rollovers=ledger.rollovers,
         )
 
     started_at: float = field(default_factory=time.time)

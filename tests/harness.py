@@ -7,10 +7,13 @@ ports; they can still look at the gateway's state (``nexus.gateway``) directly.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import uvicorn
@@ -55,7 +58,13 @@ class NexusServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         server = settings.server.model_copy(update={"port": self.port})
-        self.settings = settings.model_copy(update={"server": server})
+        update: dict[str, Any] = {"server": server}
+        self.state_dir: str | None = None
+        if settings.state.path is None:  # each server its own spend, never the user's
+            self.state_dir = tempfile.mkdtemp(prefix="nexus-state-")
+            state = Path(self.state_dir) / "state.db"
+            update["state"] = settings.state.model_copy(update={"path": str(state)})
+        self.settings = settings.model_copy(update=update)
         self.app = create_app(self.settings)
         # The real server configuration (connection caps, deadlines), served on our socket.
         self.server = uvicorn.Server(
@@ -89,6 +98,8 @@ class NexusServer:
 
     def stop(self) -> None:
         self.loop.run(self._stop(), timeout=15)
+        if self.state_dir is not None:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
     async def _stop(self) -> None:
         self.server.should_exit = True
@@ -107,8 +118,8 @@ def settings_for(*backends: tuple[str, FakeUpstream, str], **sections: Any) -> S
         ],
     }
     for key, value in sections.items():
-        if key == "backends":
-            data["backends"] = value
+        if key == "backends" or isinstance(value, list):  # e.g. pricing=[{...}]
+            data[key] = value
         else:
             data[key] = {**data.get(key, {}), **value}
     return settings_from_dict(data)

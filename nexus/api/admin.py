@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.types import Receive, Scope, Send
@@ -10,6 +12,7 @@ from .. import __version__
 from ..errors import InvalidRequest, ServiceUnavailable
 from ..gateway import Gateway
 from ..telemetry.metrics import CONTENT_TYPE
+from ..telemetry.stats import Tally
 from .http import dumps, send_json
 from .openai import gateway_of
 
@@ -79,7 +82,8 @@ class Metrics:
 
 
 class Stats:
-    """``GET /v1/stats``: totals, per backend and per model, percentiles, in flight, queue."""
+    """``GET /v1/stats``: totals, per backend and per model, percentiles, in flight, queue, and
+    the month's spend (per backend, per model) and budget."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 200, dumps(stats_of(gateway_of(scope))))
@@ -89,6 +93,7 @@ def stats_of(gateway: Gateway) -> dict[str, object]:
     gateway.telemetry.drain()
     stats = gateway.stats
     fleet = gateway.fleet()
+    spend = month_spend(gateway)
     backends = []
     for backend in gateway.registry:
         tally = stats.backends.get(backend.name)
@@ -99,17 +104,54 @@ def stats_of(gateway: Gateway) -> dict[str, object]:
             "capacity": backend.capacity(gateway.settings.routing.default_max_concurrent),
         }
         row.update(tally.summary() if tally else {"requests": 0, "success": 0, "errors": 0})
+        if spend is not None:
+            row["cost_usd"] = round(spend.backends.get(backend.name, 0.0), 6)
         backends.append(row)
-    return {
+    models = []
+    # A model with spend this month but no request since the start still gets its row.
+    names = stats.models.keys() | (spend.models.keys() if spend is not None else set())
+    for name in sorted(names):
+        tally = stats.models.get(name) or Tally()
+        model_row: dict[str, object] = {"name": name, **tally.summary()}
+        if spend is not None:
+            model_row["cost_usd"] = round(spend.models.get(name, 0.0), 6)
+        models.append(model_row)
+    view: dict[str, object] = {
         "uptime_seconds": gateway.uptime_seconds(),
         "requests": stats.total.summary(),
         "in_flight": sum(fleet.in_flight.values()),
         "queue_depth": fleet.queue_depth,
         "backends": backends,
-        "models": [
-            {"name": name, **tally.summary()} for name, tally in sorted(stats.models.items())
-        ],
+        "models": models,
     }
+    if spend is not None:
+        view["cost_usd"] = spend.budget["current_spending_usd"]
+        view["budget"] = spend.budget
+    return view
+
+
+@dataclass(slots=True)
+class MonthSpend:
+    """Month-to-date cost per backend and per model, and the ledger's ``budget`` object."""
+
+    budget: dict[str, Any]
+    backends: dict[str, float]
+    models: dict[str, float]
+
+
+def month_spend(gateway: Gateway) -> MonthSpend | None:
+    meter = gateway.meter
+    if meter is None:
+        return None
+    ledger = meter.ledger
+    budget = ledger.snapshot()  # first: a new month starts the totals again
+    backends: dict[str, float] = {}
+    models: dict[str, float] = {}
+    for (backend, model), totals in ledger.totals.items():
+        backends[backend] = backends.get(backend, 0.0) + totals.cost_usd
+        name = model if gateway.known_model(model) else "other"  # bounded like the requests
+        models[name] = models.get(name, 0.0) + totals.cost_usd
+    return MonthSpend(budget, backends, models)
 
 
 class History:

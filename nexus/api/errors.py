@@ -25,7 +25,7 @@ def render(exc: NexusError) -> Response:
     return Response(
         exc.body(),
         status_code=exc.status_code,
-        headers=exc.headers(),
+        headers=exc.all_headers(),
         media_type="application/json",
     )
 

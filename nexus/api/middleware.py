@@ -94,7 +94,7 @@ class GatewayMiddleware:
                     await send_json(send_with_id, 503, ending.body())
         except NexusError as exc:
             trace.error_type = exc.error_type
-            await send_json(send_with_id, exc.status_code, exc.body(), _encode(exc.headers()))
+            await send_json(send_with_id, exc.status_code, exc.body(), _encode(exc.all_headers()))
         except Exception:  # a bug: say so in the log, answer with an envelope if still possible
             log.exception("unexpected error on POST %s", scope["path"])
             trace.error_type = "internal_error"
@@ -138,8 +138,12 @@ def _log_request(path: str, o: Outcome, content: str | None) -> None:
     Message content appears only when content logging is on (``content`` is None otherwise)."""
     tokens = f"{o.prompt_tokens or 0}+{o.completion_tokens or 0}"
     extra: dict[str, object] = {} if content is None else {"content": content}
+    cost = ""
+    if o.cost_usd is not None:  # priced: what it cost, as X-Nexus-Cost-Estimated says it
+        cost = f" cost=${o.cost_usd:.6f}"
+        extra["cost_usd"] = round(o.cost_usd, 8)
     access_log.info(
-        "POST %s %d %.1fms model=%s backend=%s route=%s tries=%d tokens=%s request_id=%s%s",
+        "POST %s %d %.1fms model=%s backend=%s route=%s tries=%d tokens=%s%s request_id=%s%s",
         path,
         o.status,
         o.duration_ms,
@@ -148,6 +152,7 @@ def _log_request(path: str, o: Outcome, content: str | None) -> None:
         o.route_reason or "-",
         o.attempts,
         tokens,
+        cost,
         o.request_id,
         "" if content is None else f" content={content!r}",
         extra={

@@ -76,7 +76,9 @@ class Models:
 
 
 def model_list(gateway: Gateway) -> JSONDict:
+    """Each model once; ``pricing`` is its owner's (the backend it goes to first) when known."""
     created = int(gateway.started_at)
+    meter = gateway.meter
     rows: dict[str, JSONDict] = {}
     backends = sorted(
         (b for b in gateway.registry if b.healthy), key=lambda b: (b.priority, b.name)
@@ -94,6 +96,9 @@ def model_list(gateway: Gateway) -> JSONDict:
                     "capabilities": model.capabilities(),
                     "backends": [backend.name],
                 }
+                price = meter.price(backend, model.id, quiet=True) if meter is not None else None
+                if price is not None:
+                    rows[model.id]["pricing"] = price.public()
                 continue
             row["backends"].append(backend.name)
             _merge(row, model.context_length, model.capabilities())

@@ -134,7 +134,7 @@ def _model(entry: dict[str, object]) -> Model:
         json_mode=False,  # no JSON mode in Messages: untranslatable() names it
         embeddings=False,
         reported=True,  # known for the API, not guessed from the name
-        max_output_tokens=most if isinstance(most, int) and most > 0 else None,
+        max_output_tokens=most if type(most) is int and most > 0 else None,
     )
 
 
@@ -162,6 +162,7 @@ class AnthropicStream(SSEStream):
     ) -> None:
         super().__init__(backend, resp, idle)
         self._translator = dialect.StreamTranslator(model, include_usage=include_usage)
+        self._include_usage = include_usage
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         translator = self._translator
@@ -174,6 +175,7 @@ class AnthropicStream(SSEStream):
                 for event in events:  # one by one: dispatch reads usage from a chunk alone
                     if event == DONE:
                         self._finished = translator.error is None  # before the yield
+                        self._keep_usage()
                         yield event
                         return
                     yield event
@@ -181,10 +183,17 @@ class AnthropicStream(SSEStream):
             rest = translator.close()
             if translator.error is not None and not sent:
                 self._fail(translator.error)
+            self._keep_usage()
             for event in rest:
                 yield event
         finally:
             await self.aclose()
+
+    def _keep_usage(self) -> None:
+        """The usage the translator did not send (the client asked for none), for dispatch."""
+        usage = self._translator.usage
+        if usage is not None and not self._include_usage:
+            self.keep_usage(usage)
 
     def _fail(self, envelope: dict[str, object]) -> None:
         """An error before any chunk: a failure of this backend (the next one may serve)."""

@@ -42,7 +42,7 @@ from .http1 import (
     Response,
     ResponseTooLarge,
 )
-from .sse import MAX_EVENT_BYTES, opens_chunks
+from .sse import MAX_EVENT_BYTES, SSEStream, opens_chunks
 
 T = TypeVar("T")
 
@@ -129,6 +129,9 @@ class StartedStream:
     first: bytes
     rest: AsyncIterator[bytes]
     stream: EventStream
+    # The stream's usage when the adapter read it without passing it on (the client did not
+    # ask for a usage chunk): set once the stream has ended. Dispatch reads it for the cost.
+    usage: dict[str, Any] | None = None
 
     async def aclose(self) -> None:
         try:
@@ -201,7 +204,10 @@ class HTTPAdapter:
             if stream is not None and rest is not None:
                 await StartedStream(b"", rest, stream).aclose()
             raise
-        return StartedStream(first, rest, stream)
+        started = StartedStream(first, rest, stream)
+        if isinstance(stream, SSEStream):  # usage it reads and does not pass on lands here
+            stream.bind(started)
+        return started
 
     async def get_json(self, backend: Backend, path: str, headers: Mapping[str, str]) -> Any:
         body = await self._call(backend, "GET", path, b"", headers, self.timeouts.probe)

@@ -153,6 +153,7 @@ def model_from_entry(entry: Any) -> Model | None:
     context = limit if isinstance(limit, int) and limit > 0 else None
     model_id = entry["name"].removeprefix("models/")
     embeds = "embedContent" in methods or "batchEmbedContents" in methods
+    output = entry.get("outputTokenLimit")  # the most one answer may be: a call's worst case
     if "generateContent" in methods:
         # Gemini chat models take images, tools and JSON schemas alike.
         return Model(
@@ -163,6 +164,7 @@ def model_from_entry(entry: Any) -> Model | None:
             json_mode=True,
             embeddings=embeds,
             reported=True,
+            max_output_tokens=output if type(output) is int and output > 0 else None,
         )
     if embeds:
         return Model(model_id, context, embeddings=True, reported=True)
@@ -205,6 +207,7 @@ class GeminiStream(SSEStream):
     ) -> None:
         super().__init__(backend, resp, idle_timeout)
         self._translator = StreamTranslator(model, include_usage=include_usage)
+        self._include_usage = include_usage
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         translator = self._translator
@@ -218,7 +221,10 @@ class GeminiStream(SSEStream):
             if not self._started:  # an empty 200: this backend failed, the next may serve
                 name = self._backend.name
                 raise UpstreamProtocolError(name, f"Backend '{name}' sent an empty stream")
-            for item in writes(translator.close()):
+            rest = translator.close()
+            if translator.usage is not None and not self._include_usage:
+                self.keep_usage(translator.usage)  # not sent: the client asked for none
+            for item in writes(rest):
                 yield item
         finally:
             await self.aclose()

@@ -385,6 +385,8 @@ class OllamaStream(SSEStream):
             events.append(self._event([_choice({}, _finish(data, self._tool_calls > 0))]))
             if self._include_usage:
                 events.append(self._event([], usage=_usage(data)))
+            else:
+                self.keep_usage(_usage(data))
             events.append(DONE)
         return events
 

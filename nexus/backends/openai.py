@@ -13,7 +13,15 @@ import orjson
 
 from ..errors import UpstreamProtocolError
 from ..registry import Backend, Model
-from .base import Call, Completion, HTTPAdapter, Probe, StartedStream, parse_json
+from .base import (
+    Call,
+    Completion,
+    HTTPAdapter,
+    Probe,
+    StartedStream,
+    encode_request,
+    parse_json,
+)
 from .capabilities import guess_model
 from .sse import SSEStream
 
@@ -24,16 +32,21 @@ class Profile:
     json_mode: bool
     # Ask llama.cpp's /props for the running context size and vision support.
     llamacpp_props: bool = False
+    # Servers known to take ``stream_options``: a stream's usage is asked for when the client
+    # did not ask (and hidden from it). Unknown servers may refuse the field.
+    stream_usage: bool = False
 
 
 PROFILES = {
-    "vllm": Profile(json_mode=True),
-    "llamacpp": Profile(json_mode=True, llamacpp_props=True),
-    "lmstudio": Profile(json_mode=True),
+    "vllm": Profile(json_mode=True, stream_usage=True),
+    "llamacpp": Profile(json_mode=True, llamacpp_props=True, stream_usage=True),
+    "lmstudio": Profile(json_mode=True, stream_usage=True),
     "exo": Profile(json_mode=False),
     "generic": Profile(json_mode=False),
-    "openai": Profile(json_mode=False),
+    "openai": Profile(json_mode=False, stream_usage=True),
 }
+
+_GENERIC = PROFILES["generic"]
 
 # Fields of a /v1/models entry that carry a context length, by server.
 _CONTEXT_KEYS = ("max_model_len", "context_length", "context_window", "max_context_length")
@@ -65,12 +78,23 @@ class OpenAIAdapter(HTTPAdapter):
 
     async def open_stream(self, backend: Backend, call: Call) -> StartedStream:
         idle = self.timeouts.stream_idle
+        payload = None
+        if not call.include_usage and PROFILES.get(backend.type, _GENERIC).stream_usage:
+            payload = usage_payload(call)
+        if payload is None:  # the client's stream as the backend sends it
+            return await self.open_events(
+                backend,
+                "/v1/chat/completions",
+                call.payload(),
+                call.headers,
+                lambda resp: SSEStream(backend, resp, idle),
+            )
         return await self.open_events(
             backend,
             "/v1/chat/completions",
-            call.payload(),
+            payload,
             call.headers,
-            lambda resp: SSEStream(backend, resp, idle),
+            lambda resp: UsageHidingStream(backend, resp, idle),
         )
 
     async def embeddings(self, backend: Backend, call: Call) -> Completion:
@@ -158,3 +182,87 @@ def embeddings_response(backend: Backend, body: bytes) -> Completion:
         )
     usage = data.get("usage")
     return Completion(body, usage if isinstance(usage, dict) else None)
+
+
+# --- a stream's usage, asked for and hidden from the client ----------------------------------
+
+_ASK_USAGE = b'"stream_options":{"include_usage":true},'
+# How servers write the ``"usage": null`` that OpenAI adds to every chunk once usage is asked
+# for, each with the separator that goes with it.
+_NULL_USAGE = (
+    b',"usage":null',
+    b'"usage":null,',
+    b', "usage": null',
+    b'"usage": null, ',
+    b',"usage": null',
+    b'"usage": null,',
+)
+
+
+def usage_payload(call: Call) -> bytes | None:
+    """The request with ``stream_options.include_usage`` set, for a client that did not set it.
+
+    The client's bytes get the field spliced in after their opening brace (no re-encoding);
+    a body that names ``stream_options`` already is re-encoded instead (a second key would be
+    ambiguous), as is one whose model name changes anyway. None: ``stream_options`` is not an
+    object, which the backend refuses as the client sent it.
+    """
+    body = call.body
+    if "stream_options" in body:
+        options = body["stream_options"]
+        if options is not None and not isinstance(options, dict):
+            return None
+        asked = {**(options or {}), "include_usage": True}
+        return encode_request({**body, "model": call.model, "stream_options": asked})
+    if body.get("model") != call.model:
+        asked = {"include_usage": True}
+        return encode_request({**body, "model": call.model, "stream_options": asked})
+    raw = call.raw
+    brace = raw.find(b"{") + 1
+    return raw[:brace] + _ASK_USAGE + raw[brace:]
+
+
+def hide_null_usage(event: bytes) -> bytes:
+    """``event`` without the ``"usage": null`` that asking for usage added to it."""
+    for pattern in _NULL_USAGE:
+        if pattern in event:
+            return event.replace(pattern, b"", 1)
+    return event
+
+
+class UsageHidingStream(SSEStream):
+    """The stream of a backend asked for usage that the client did not ask for: the usage-only
+    chunk is kept (``keep_usage``) and not relayed, and the ``"usage": null`` of other chunks
+    goes, so that the client reads what it would have read had usage not been asked for.
+    Events without ``"usage"`` cost one bytes search."""
+
+    def passing(self, events: list[bytes]) -> list[bytes]:
+        kept: list[bytes] | None = None  # a new list only once an event changes
+        for index, event in enumerate(events):
+            if b'"usage"' in event:
+                if kept is None:
+                    kept = events[:index]
+                hidden = self._hide_one(event)
+                if hidden is not None:
+                    kept.append(hidden)
+            elif kept is not None:
+                kept.append(event)
+        return events if kept is None else kept
+
+    def _hide_one(self, event: bytes) -> bytes | None:
+        hidden = event.replace(b',"usage":null', b"", 1)  # OpenAI's own spelling, tried first
+        if len(hidden) != len(event):
+            return hidden
+        if b'"usage":null' in event or b'"usage": null' in event:
+            return hide_null_usage(event)
+        try:
+            chunk = orjson.loads(event[event.index(b"{") :])
+        except (ValueError, orjson.JSONDecodeError):
+            return event
+        usage = chunk.get("usage") if isinstance(chunk, dict) else None
+        if not isinstance(usage, dict):
+            return event
+        self.keep_usage(usage)
+        # The usage-only chunk goes; a chunk with choices that carries usage anyway (a server
+        # that always sends it) went to the client before, and still does.
+        return event if chunk.get("choices") else None

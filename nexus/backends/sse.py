@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -23,6 +23,9 @@ from ..dialects.events import (
 from ..errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from ..registry import Backend
 from .http1 import ProtocolError, Response, ResponseTooLarge
+
+if TYPE_CHECKING:
+    from .base import StartedStream
 
 __all__ = ["DONE", "MAX_EVENT_BYTES", "EventSplitter", "LineSplitter", "SSEStream", "is_done"]
 
@@ -106,6 +109,11 @@ class SSEStream:
     the pool; an unfinished one closes it.
     """
 
+    # The stream's usage when it was read and not passed on (the client asked for no usage
+    # chunk), and the StartedStream that hands it to dispatch (bound once the first event is in).
+    usage: dict[str, Any] | None = None
+    owner: StartedStream | None = None
+
     def __init__(self, backend: Backend, resp: Response, idle_timeout: float) -> None:
         self._backend = backend
         self._resp = resp
@@ -115,11 +123,23 @@ class SSEStream:
         # request timeout, see HTTPAdapter.open_events) bounds the wait.
         self._started = False
 
+    def bind(self, started: StartedStream) -> None:
+        """Usage read from now on goes to ``started``; usage read before the first event was in
+        (a whole answer in one read) is handed over here."""
+        self.owner = started
+        started.usage = self.usage
+
+    def keep_usage(self, usage: dict[str, Any]) -> None:
+        """Record usage that the client does not receive, before the stream's last event."""
+        self.usage = usage
+        if self.owner is not None:
+            self.owner.usage = usage
+
     async def __aiter__(self) -> AsyncIterator[bytes]:
         splitter = EventSplitter()
         try:
             while (events := await self._next(splitter)) is not None:
-                for item in writes(events):
+                for item in writes(self.passing(events)):
                     if is_done(item):
                         self._finished = True  # before the yield: the reader stops at [DONE]
                         yield item
@@ -128,9 +148,14 @@ class SSEStream:
             self._finished = True
             tail = splitter.tail()
             if tail is not None:
-                yield tail
+                for item in self.passing([tail]):
+                    yield item
         finally:
             await self.aclose()
+
+    def passing(self, events: list[bytes]) -> list[bytes]:
+        """What the client gets of a read's events: all of them (a subclass may hold some)."""
+        return events
 
     async def _next(self, splitter: Splitter) -> list[bytes] | None:
         """The next whole events (one or more), or None at the end of the body. The idle timeout
@@ -169,6 +194,7 @@ class SSEStream:
         # An unfinished answer is abandoned by closing its connection: that is what tells the
         # backend to stop generating. A finished one gives its connection back to the pool, once
         # the few bytes that may still end the HTTP response are in.
+        self.owner = None  # no cycle left for the garbage collector
         if self._finished:
             self._resp.release(drain=True)
         else:

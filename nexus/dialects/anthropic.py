@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from ..errors import InvalidRequest
+from .counts import count
 from .events import DONE, MAX_EVENT_BYTES, ChunkWriter, EventSplitter, EventTooLarge, sse_event
 
 JSONDict = dict[str, Any]
@@ -358,18 +359,18 @@ def finish_reason(stop_reason: Any) -> str:
 
 def usage(anthropic: JSONDict) -> JSONDict:
     """OpenAI usage: cache reads and writes are prompt tokens too; reads are the cached ones."""
-    cached = anthropic.get("cache_read_input_tokens") or 0
-    prompt = (
-        (anthropic.get("input_tokens") or 0)
-        + cached
-        + (anthropic.get("cache_creation_input_tokens") or 0)
-    )
-    completion = anthropic.get("output_tokens") or 0
+    cached = count(anthropic.get("cache_read_input_tokens"))
+    written = count(anthropic.get("cache_creation_input_tokens"))
+    prompt = count(anthropic.get("input_tokens")) + cached + written
+    completion = count(anthropic.get("output_tokens"))
+    details = {"cached_tokens": cached}
+    if written > 0:  # priced at their own rate; not an OpenAI field, which the schema allows
+        details["cache_write_tokens"] = written
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
+        "prompt_tokens_details": details,
     }
 
 
@@ -396,6 +397,7 @@ class StreamTranslator:
         self._usage: JSONDict = {}
         self._done = False
         self.error: JSONDict | None = None  # the envelope sent when the stream failed
+        self.usage: JSONDict | None = None  # the answer's OpenAI usage, once message_delta is in
 
     def feed(self, data: bytes) -> list[bytes]:
         if self._done:
@@ -484,8 +486,9 @@ class StreamTranslator:
         self._usage.update(event.get("usage") or {})  # cumulative counts: the latest win
         reason = finish_reason((event.get("delta") or {}).get("stop_reason"))
         out = [self._chunk({}, reason)]
+        self.usage = usage(self._usage)
         if self._chunks.include_usage:
-            out.append(self._chunks.usage_chunk(usage(self._usage)))
+            out.append(self._chunks.usage_chunk(self.usage))
         return out
 
     def _chunk(self, delta: JSONDict, finish: str | None = None) -> bytes:

@@ -16,6 +16,7 @@ import orjson
 from nexus.dialects.gemini_schema import Untranslatable, gemini_schema
 from nexus.errors import InvalidRequest
 
+from .counts import count
 from .events import DONE, MAX_EVENT_BYTES, ChunkWriter, EventSplitter, EventTooLarge, sse_event
 
 JSONDict = dict[str, Any]
@@ -317,14 +318,14 @@ def _read_parts(parts: list[JSONDict]) -> tuple[str | None, str | None, list[JSO
 
 
 def _usage(meta: JSONDict) -> JSONDict:
-    prompt = int(meta.get("promptTokenCount") or 0)
-    thoughts = int(meta.get("thoughtsTokenCount") or 0)
-    completion = int(meta.get("candidatesTokenCount") or 0) + thoughts
+    prompt = count(meta.get("promptTokenCount"))
+    thoughts = count(meta.get("thoughtsTokenCount"))
+    completion = count(meta.get("candidatesTokenCount")) + thoughts
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": int(meta.get("totalTokenCount") or prompt + completion),
-        "prompt_tokens_details": {"cached_tokens": int(meta.get("cachedContentTokenCount") or 0)},
+        "total_tokens": count(meta.get("totalTokenCount")) or prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": count(meta.get("cachedContentTokenCount"))},
         "completion_tokens_details": {"reasoning_tokens": thoughts},
     }
 
@@ -388,6 +389,11 @@ class StreamTranslator:
         self._finished = False
         self._closed = False
         self._usage: JSONDict | None = None
+
+    @property
+    def usage(self) -> JSONDict | None:
+        """The answer's OpenAI usage so far (Gemini sends cumulative counts; the last wins)."""
+        return self._usage
 
     def feed(self, data: bytes) -> list[bytes]:
         if self._closed:

@@ -4,11 +4,12 @@ Pure: reads the registry's records, does no I/O; the clock and the random source
 For the requested model (after aliases), then for each fallback model, the backends that list it
 pass through the stages below; each stage may only exclude, and says why and what to do:
 
-    health -> capabilities -> privacy -> tier -> quality -> capacity
+    health -> capabilities -> privacy -> budget -> tier -> quality -> capacity
 
 The survivors are ordered by the strategy (a recent backend for the same conversation first, when
-affinity is on). When nothing survives only because every capable backend is busy, the plan is
-``saturated``: the request may wait in the queue instead of failing.
+affinity is on; past the budget's soft limit, local backends before cloud ones). When nothing
+survives only because every capable backend is busy, the plan is ``saturated``: the request may
+wait in the queue instead of failing.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..errors import (
 from ..registry import Backend, Registry
 from .affinity import AffinityTable
 from .aliases import alias_chain, resolve
+from .budget import HARD_LIMIT, NORMAL, BudgetView
 from .policy import Policies, Rule
 from .quality import QualityTracker
 from .requirements import Requirements
@@ -41,7 +43,7 @@ UNTRANSLATABLE: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "google": gemini.untranslatable,
 }
 
-STAGES = ("health", "capabilities", "privacy", "tier", "quality", "capacity")
+STAGES = ("health", "capabilities", "privacy", "budget", "tier", "quality", "capacity")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,7 @@ class Plan:
     restricted: bool = False  # only restricted-zone backends may serve
     stage_ns: dict[str, int] = field(default_factory=dict)
     eta_seconds: float | None = None
+    budget_status: str = NORMAL
 
     def route_reason(self, index: int) -> str:
         step = self.steps[index]
@@ -126,8 +129,10 @@ class Router:
         *,
         clock: Callable[[], float] = time.monotonic,
         strategies: Strategies | None = None,
+        budget: BudgetView | None = None,
     ) -> None:
         self.registry = registry
+        self.budget = budget
         self.routing = routing
         self.policies = Policies(routing.policies)
         self.quality = QualityTracker(quality_settings or QualitySettings())
@@ -149,13 +154,16 @@ class Router:
         plan = Plan(request.model, resolved, restricted=bool(rule and rule.restricted))
         plan.required_tier = rule.min_tier if rule else None
         now = self.clock()
-        known = self._add(plan, request, resolved, None, now)
+        plan.budget_status = self.budget.status() if self.budget is not None else NORMAL
+        known = self._add(plan, request, resolved, None, now, rule)
         fallbacks = routing.fallbacks.get(resolved) or routing.fallbacks.get(request.model) or []
+        if rule is not None and not rule.fallback_allowed:
+            fallbacks = []  # the policy keeps this model's requests on the model itself
         for name in fallbacks:
             chain = alias_chain(name, routing.aliases)
             target = chain[-1]
             own = self.policies.strictest(chain)
-            known = self._add(plan, request, target, target, now, own) or known
+            known = self._add(plan, request, target, target, now, own, rule) or known
         if plan.steps or plan.saturated:
             return plan
         if not known:
@@ -186,9 +194,10 @@ class Router:
         fallback: str | None,
         now: float,
         rule: Rule | None = None,
+        first_rule: Rule | None = None,
     ) -> bool:
         """Append the steps for ``model``; True when any backend at all lists it. A fallback's
-        own ``rule`` applies on top of the request's."""
+        own ``rule`` applies on top of the request's (``first_rule``, its cost cap)."""
         backends = self.registry.backends_for(model)
         if not backends:
             return False
@@ -201,7 +210,8 @@ class Router:
             Candidate(b, b.find_model(model) or model, fallback, b.capacity(default_capacity))
             for b in backends
         ]
-        ctx = _StageContext(plan, request, model, restricted, tier, now)
+        caps = [r.max_cost for r in (rule, first_rule) if r is not None and r.max_cost is not None]
+        ctx = _StageContext(plan, request, model, restricted, tier, now, min(caps, default=None))
         stage_ns = plan.stage_ns
         clock = time.perf_counter_ns
         started = clock()
@@ -216,6 +226,12 @@ class Router:
             self.routing.strategy, candidates, model, request.requirements.stream
         )
         reason = REASONS[self.routing.strategy] if len(ordered) > 1 else "only-candidate"
+        if plan.budget_status != NORMAL and len(ordered) > 1:
+            # Past the soft limit, local backends before cloud ones (the order otherwise kept).
+            local = [c for c in ordered if c.backend.zone != "open"]
+            if local and ordered[0].backend.zone == "open":
+                reason = "budget-soft-limit:prefer-local"
+            ordered = local + [c for c in ordered if c.backend.zone == "open"]
         preferred = self._affine(request, ordered, now)
         trial = next((c for c in ordered if c.trial), None)
         if trial is not None:  # the half-open trial goes first, or it would never happen
@@ -240,6 +256,8 @@ class Router:
         name = self.affinity.lookup(request.affinity_keys, now)
         for candidate in ordered:
             if candidate.backend.name == name:
+                if candidate.backend.zone == "open" and ordered[0].backend.zone != "open":
+                    return None  # past the soft limit, a cached prompt is not worth the cloud
                 return candidate
         return None
 
@@ -312,6 +330,34 @@ class Router:
                             "serve this model from a restricted-zone (local) backend")  # fmt: skip
         return keep
 
+    def _budget(self, candidates: list[Candidate], ctx: _StageContext) -> list[Candidate]:
+        view = self.budget
+        cap = ctx.max_cost
+        blocking = ctx.plan.budget_status == HARD_LIMIT
+        if view is None or (cap is None and not blocking):
+            return candidates
+        needs = ctx.request.requirements
+        keep = []
+        for c in candidates:
+            if blocking and view.blocks(c.backend, c.model):
+                ctx.exclude(c, "budget", "the monthly budget's hard limit is reached and its "
+                            f"hard_limit_action keeps '{c.backend.zone}'-zone backends out",
+                            "raise [routing.budget] monthly_limit_usd, or wait for the next "
+                            "month (UTC)")  # fmt: skip
+                continue
+            if cap is not None:
+                worst = view.worst_case(
+                    c.backend, c.model, needs.prompt_bound, needs.max_tokens, needs.embeddings
+                )
+                if worst is not None and worst > cap:
+                    why = f"its worst-case cost ${worst:.6f} is above the policy's "
+                    why += f"max_cost_per_request ${cap:.6f}"
+                    action = "set a lower max_tokens, or raise max_cost_per_request"
+                    ctx.exclude(c, "budget", why, action)
+                    continue
+            keep.append(c)
+        return keep
+
     def _tier(self, candidates: list[Candidate], ctx: _StageContext) -> list[Candidate]:
         required = ctx.tier
         if required is None:
@@ -376,6 +422,7 @@ class _StageContext:
     restricted: bool
     tier: int | None
     now: float
+    max_cost: float | None = None
 
     def exclude(self, c: Candidate, stage: str, reason: str, action: str) -> None:
         self.plan.exclusions.append(Exclusion(c.backend.name, c.model, stage, reason, action))

@@ -1,8 +1,10 @@
 """Traffic policies: the first ``model_pattern`` glob that matches a model decides its privacy
-requirement and minimum tier. Compiled once at start-up; a bad policy stops start-up.
+requirement, minimum tier, most a request may cost and whether fallbacks may serve it. Compiled
+once at start-up; a bad policy stops start-up.
 
 A request known by several names (an alias, its hops, the model it resolves to) gets the strictest
-of each name's policy: restricted if any of them is, the highest minimum tier of any. So an alias
+of each name's policy: restricted if any of them is, the highest minimum tier of any, the lowest
+cost cap, no fallbacks if any forbids them. So an alias
 can neither lift its target's restriction nor be used to lower its tier, and a policy written for
 an alias holds for what it names."""
 
@@ -22,6 +24,8 @@ class Rule:
     regex: re.Pattern[str]
     restricted: bool
     min_tier: int | None
+    max_cost: float | None = None
+    fallback_allowed: bool = True
 
 
 class Policies:
@@ -46,11 +50,14 @@ class Policies:
         if len(found) < 2:
             return found[0] if found else None
         tiers = [rule.min_tier for rule in found if rule.min_tier is not None]
+        caps = [rule.max_cost for rule in found if rule.max_cost is not None]
         return Rule(
             " + ".join(rule.pattern for rule in found),
             found[0].regex,
             any(rule.restricted for rule in found),
             max(tiers) if tiers else None,
+            min(caps) if caps else None,
+            all(rule.fallback_allowed for rule in found),
         )
 
 
@@ -59,4 +66,11 @@ def compile_rule(policy: TrafficPolicy) -> Rule:
         regex = re.compile(fnmatch.translate(policy.model_pattern))
     except re.error as exc:  # fail closed: a policy that cannot load is not silently dropped
         raise ValueError(f"policy model_pattern {policy.model_pattern!r}: {exc}") from exc
-    return Rule(policy.model_pattern, regex, policy.privacy == "restricted", policy.min_tier)
+    return Rule(
+        policy.model_pattern,
+        regex,
+        policy.privacy == "restricted",
+        policy.min_tier,
+        policy.max_cost_per_request,
+        policy.fallback_allowed,
+    )

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 CHARS_PER_TOKEN = 4
+# A bound on the prompt for costs: one token per this many bytes of the whole request (tools,
+# images and JSON included; a CJK character is three bytes and about one token).
+BYTES_PER_TOKEN_BOUND = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,9 +20,19 @@ class Requirements:
     estimated_tokens: int = 0
     stream: bool = False
     high_priority: bool = False
+    max_tokens: int | None = None  # the client's output limit, when it set one
+    request_bytes: int = 0  # the body's size: a bound on the prompt that counts everything
+    embeddings: bool = False
+
+    @property
+    def prompt_bound(self) -> int:
+        """The prompt's size for a worst-case cost: never below the text estimate."""
+        return max(self.estimated_tokens, self.request_bytes // BYTES_PER_TOKEN_BOUND)
 
 
-def chat_requirements(body: Mapping[str, Any], headers: Mapping[str, str]) -> Requirements:
+def chat_requirements(
+    body: Mapping[str, Any], headers: Mapping[str, str], size: int = 0
+) -> Requirements:
     """Vision (image parts), tools (``tools`` or legacy ``functions``), JSON mode
     (``json_object`` or ``json_schema``), a prompt size estimate, streaming and priority."""
     vision = False
@@ -44,6 +57,9 @@ def chat_requirements(body: Mapping[str, Any], headers: Mapping[str, str]) -> Re
         "json_object",
         "json_schema",
     )
+    limit = body.get("max_completion_tokens")
+    if limit is None:
+        limit = body.get("max_tokens")
     return Requirements(
         vision=vision,
         tools=bool(body.get("tools")) or bool(body.get("functions")),
@@ -51,17 +67,20 @@ def chat_requirements(body: Mapping[str, Any], headers: Mapping[str, str]) -> Re
         estimated_tokens=chars // CHARS_PER_TOKEN,
         stream=body.get("stream") is True,
         high_priority=headers.get("x-nexus-priority", "").strip().lower() == "high",
+        max_tokens=limit if type(limit) is int and limit >= 0 else None,
+        request_bytes=size,
     )
 
 
-def embedding_requirements(body: Mapping[str, Any]) -> Requirements:
+def embedding_requirements(body: Mapping[str, Any], size: int = 0) -> Requirements:
     """Each input of a batch is embedded on its own: the context must fit the longest one, not
     their sum. An input is a string, or a list of token ids (counted exactly)."""
     value = body.get("input")
     if isinstance(value, str) or (isinstance(value, list) and value and _is_tokens(value)):
-        return Requirements(estimated_tokens=_tokens(value))
+        return Requirements(estimated_tokens=_tokens(value), request_bytes=size, embeddings=True)
     items = value if isinstance(value, list) else ()
-    return Requirements(estimated_tokens=max(map(_tokens, items), default=0))
+    longest = max(map(_tokens, items), default=0)
+    return Requirements(estimated_tokens=longest, request_bytes=size, embeddings=True)
 
 
 def _is_tokens(value: list[Any]) -> bool:

@@ -2,7 +2,8 @@
 
 Labels stay bounded: a model label is a model some backend lists or an alias in the config,
 anything else is counted as ``other`` (a client inventing model names cannot grow the series);
-backend labels are backend names.
+backend labels are backend names. The budget gauges are read from the ledger at scrape time
+(through a ``SpendView``), never per request.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 STAGE_BUCKETS = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005)
+COST_BUCKETS = (0.00001, 0.0001, 0.001, 0.01, 0.05, 0.1, 0.5, 1, 5)  # USD per request
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,18 @@ class FleetView:
     healthy: dict[str, bool]
     models_available: int
     queue_depth: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpendView:
+    """The month's budget as the scrape-time gauges read it (filled by the gateway)."""
+
+    month: str  # the UTC billing month, YYYY-MM
+    spent_usd: float
+    reserved_usd: float
+    status_level: int  # 0 Normal, 1 SoftLimit, 2 HardLimit
+    limit_usd: float | None
+    rollovers: int
 
 
 class _Counter:
@@ -86,7 +100,12 @@ class _Histogram:
 
 
 class Metrics(Collector):
-    def __init__(self, known_model: Callable[[str], bool], fleet: Callable[[], FleetView]) -> None:
+    def __init__(
+        self,
+        known_model: Callable[[str], bool],
+        fleet: Callable[[], FleetView],
+        spend: Callable[[], SpendView | None] = lambda: None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._known_model = known_model
         self.requests = _Counter(
@@ -122,12 +141,20 @@ class Metrics(Collector):
         self.exclusions = _Counter(
             "nexus_reconciler_exclusions", "Backends a planner stage left out", ["reconciler"]
         )
+        self.cost = _Counter(
+            "nexus_cost_usd", "What priced requests cost, in USD", ["backend", "model"]
+        )
+        self.cost_per_request = _Histogram(
+            "nexus_cost_per_request_usd", "Cost of each priced request, in USD",
+            ["model"], COST_BUCKETS,
+        )  # fmt: skip
         self._families: list[_Counter | _Histogram] = [
             self.requests, self.errors, self.fallbacks, self.duration, self.ttft, self.tokens,
-            self.overhead, self.stage, self.exclusions,
+            self.overhead, self.stage, self.exclusions, self.cost, self.cost_per_request,
         ]  # fmt: skip
         self.registry.register(self)
         self.registry.register(_FleetCollector(fleet))
+        self.registry.register(_BudgetCollector(spend))
 
     def collect(self) -> Iterator[Metric]:
         for family in self._families:
@@ -164,6 +191,9 @@ class Metrics(Collector):
             self.tokens.inc((model, backend, "prompt"), o.prompt_tokens)
         if o.completion_tokens:
             self.tokens.inc((model, backend, "completion"), o.completion_tokens)
+        if o.cost_usd is not None:
+            self.cost.inc((backend, model), o.cost_usd)
+            self.cost_per_request.observe((model,), o.cost_usd)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -185,6 +215,44 @@ class _FleetCollector(Collector):
         yield _gauge("nexus_backends_healthy", "Healthy backends", sum(view.healthy.values()))
         yield _gauge("nexus_models_available", "Models on healthy backends", view.models_available)
         yield _gauge("nexus_queue_depth", "Requests waiting in the queue", view.queue_depth)
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+class _BudgetCollector(Collector):
+    """The reference's budget gauges (plus what is reserved), read from the ledger."""
+
+    def __init__(self, spend: Callable[[], SpendView | None]) -> None:
+        self._spend = spend
+
+    def collect(self) -> Iterator[Metric]:
+        view = self._spend()
+        if view is None:
+            return
+        month = [view.month]
+        for name, documentation, value in (
+            ("nexus_budget_spending_usd", "Spend settled this billing month, USD", view.spent_usd),
+            ("nexus_budget_reserved_usd", "Worst-case cost held by calls in flight, USD",
+             view.reserved_usd),
+            ("nexus_budget_status", "Budget status: 0 Normal, 1 SoftLimit, 2 HardLimit",
+             view.status_level),
+        ):  # fmt: skip
+            gauge = GaugeMetricFamily(name, documentation, labels=["billing_month"])
+            gauge.add_metric(month, value)
+            yield gauge
+        if view.limit_usd is not None:
+            utilization = GaugeMetricFamily(
+                "nexus_budget_utilization_percent",
+                "Share of the monthly limit spent, percent",
+                labels=["billing_month"],
+            )
+            utilization.add_metric(month, view.spent_usd / view.limit_usd * 100)
+            yield utilization
+            yield _gauge("nexus_budget_limit_usd", "The monthly limit, USD", view.limit_usd)
+        events = CounterMetricFamily("nexus_budget_events", "Budget events", labels=["event_type"])
+        events.add_metric(["month_rollover"], view.rollovers)
+        yield events
 
     def describe(self) -> Iterable[Metric]:
         return []

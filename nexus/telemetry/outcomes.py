@@ -39,9 +39,12 @@ class Trace:
     # The last message's text, only with [logging] enable_content_logging = true; it goes to
     # the log line and nowhere else (not to history, metrics or the dashboard).
     content: str | None = None
+    cost_usd: float | None = None  # what the request cost, when its backend is priced
+    last_usage: Any = None  # the backend's last usage object, for the cost
 
     def usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
+            self.last_usage = usage
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             self.prompt_tokens = prompt if isinstance(prompt, int) else self.prompt_tokens
             if isinstance(completion, int):
@@ -68,6 +71,7 @@ class Outcome:
     error_type: str | None
     stage_ns: dict[str, int]
     exclusions: dict[str, int]
+    cost_usd: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -81,6 +85,8 @@ class Outcome:
         entry["upstream_ms"] = round(self.upstream_ms, 3)
         if self.ttft_ms is not None:
             entry["ttft_ms"] = round(self.ttft_ms, 3)
+        if self.cost_usd is not None:
+            entry["cost_usd"] = round(self.cost_usd, 8)
         return entry
 
 
@@ -106,6 +112,7 @@ def outcome_of(
         error_type=trace.error_type or (None if status < 400 else f"http_{status}"),
         stage_ns=trace.stage_ns,
         exclusions=trace.exclusions,
+        cost_usd=trace.cost_usd,
     )
 
 

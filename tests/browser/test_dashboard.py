@@ -456,3 +456,64 @@ def test_the_page_polls_while_the_socket_cannot_connect_then_goes_live(
         assert page.locator('#feed-rows tr[data-request-id="polled"]').count() == 1
     finally:
         context.close()
+
+
+def test_the_spend_panel_shows_what_priced_requests_cost(
+    browser, expect, monkeypatch, start_fake, start_nexus, client
+):
+    monkeypatch.setenv("DASHBOARD_TEST_OPENAI_KEY", "sk-dashboard")
+    cloud = start_fake(FakeOpenAI())
+    backend = {"name": "cloud", "url": cloud.url, "type": "openai"}
+    nexus = start_nexus(
+        settings_for(
+            backends=[{**backend, "api_key_env": "DASHBOARD_TEST_OPENAI_KEY"}],
+            # FakeOpenAI's answer: 5 prompt and 2 completion tokens, $0.009 at these prices
+            pricing=[{"model_pattern": "*", "input_per_mtok": 1000, "output_per_mtok": 2000}],
+            routing={"budget": {"monthly_limit_usd": 0.01, "soft_limit_percent": 75}},
+        )
+    )
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="dark")
+    try:
+        page = context.new_page()
+        errors = watch(page)
+        page.goto(nexus.url + "/")
+        expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+        panel = page.locator("#spend")
+        expect(panel.locator("#spend-total")).to_have_text("$0.00", timeout=WAIT_MS)
+        expect(panel.locator("#spend-limit")).to_have_text("of $0.0100 limit")
+        expect(panel).to_have_attribute("data-status", "Normal")
+
+        assert chat(client, nexus, "priced-1") == 200
+        row = page.locator('#feed-rows tr[data-request-id="priced-1"]')
+        expect(row.locator("td.cost")).to_have_text("$0.00900", timeout=WAIT_MS)
+        # spend and status come with the next stats message, at most a second later
+        expect(panel.locator("#spend-total")).to_have_text("$0.00900", timeout=WAIT_MS)
+        expect(panel).to_have_attribute("data-status", "SoftLimit")  # 90 % of the limit
+        expect(panel.locator("#spend-status")).to_have_text("SoftLimit")
+        expect(panel.locator("#spend-utilization")).to_contain_text("90.0% used")
+        expect(panel.locator("#spend-bar-box")).to_have_attribute("aria-valuenow", "90.0")
+        spent = panel.locator('#spend-backends li[data-backend="cloud"]')
+        expect(spent).to_contain_text("cloud")
+        expect(spent).to_contain_text("$0.00900")
+        status_color = page.evaluate(
+            "getComputedStyle(document.getElementById('spend-status')).color"
+        )
+        normal_color = page.evaluate("getComputedStyle(document.documentElement).color")
+        assert status_color != normal_color  # the status is coloured
+
+        assert chat(client, nexus, "priced-2") == 200  # past the limit: warn only
+        expect(panel).to_have_attribute("data-status", "HardLimit", timeout=WAIT_MS)
+        expect(panel.locator("#spend-total")).to_have_text("$0.0180")
+        screenshot(page, "dashboard-spend.png")
+
+        # on a phone the cost column folds into the row's "via" line; nothing overflows
+        page.set_viewport_size({"width": 390, "height": 844})
+        expect(row.locator(".via")).to_have_text("via cloud · $0.00900")
+        expect(row.locator(".via")).to_be_visible()
+        overflow = page.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0, f"the page is {overflow}px wider than a phone"
+        assert errors == []
+    finally:
+        context.close()

@@ -414,7 +414,7 @@ def test_usage_folds_cache_reads_and_writes_into_the_prompt() -> None:
         "prompt_tokens": 130,
         "completion_tokens": 5,
         "total_tokens": 135,
-        "prompt_tokens_details": {"cached_tokens": 100},
+        "prompt_tokens_details": {"cached_tokens": 100, "cache_write_tokens": 20},
     }
 
 

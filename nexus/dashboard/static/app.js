@@ -67,6 +67,16 @@
     return `${(v / 1000).toFixed(v < 10000 ? 2 : 1)} s`;
   }
 
+  // USD: cents above a dollar, three significant digits below (a request may cost $0.000012).
+  function fmtUSD(v) {
+    if (typeof v !== "number" || !Number.isFinite(v)) return "–";
+    if (v === 0) return "$0.00";
+    const size = Math.abs(v);
+    if (size >= 1) return `$${v.toLocaleString("en", { minimumFractionDigits: 2, maximumFractionDigits: 2 })}`;
+    const digits = Math.min(10, Math.max(2, 2 - Math.floor(Math.log10(size))));
+    return `$${v.toFixed(digits)}`;
+  }
+
   function fmtDuration(seconds) {
     if (seconds === null || seconds === undefined) return "";
     const d = Math.floor(seconds / 86400);
@@ -132,7 +142,7 @@
     const t = time || serverNow();
     state.load.push({ t, inFlight: stats.in_flight || 0, queue: stats.queue_depth || 0 });
     prune();
-    dirty("summary", "charts");
+    dirty("summary", "charts", "spend");
   }
 
   function applyBackends(list) {
@@ -216,6 +226,7 @@
       matrix: renderMatrix,
       feed: renderFeed,
       charts: renderCharts,
+      spend: renderSpend,
     };
     const todo = Object.keys(parts).filter(want);
     dirtyParts.clear();
@@ -259,6 +270,54 @@
     setText("s-queue", fmtInt(s.queue_depth));
     $("s-queue").classList.toggle("bad", (s.queue_depth || 0) > 0);
     setText("uptime", fmtDuration(s.uptime_seconds));
+  }
+
+  const BUDGET_STATUSES = ["Normal", "SoftLimit", "HardLimit"];
+
+  function renderSpend() {
+    const s = state.stats;
+    const budget = s && s.budget;
+    const panel = $("spend");
+    panel.hidden = !budget; // an older server: no spend to show
+    if (!budget) return;
+    const status = BUDGET_STATUSES.includes(budget.status) ? budget.status : "Normal";
+    panel.dataset.status = status;
+    setText("spend-status", status);
+    setText("spend-month", budget.month ? `(${budget.month}, UTC)` : "");
+    setText("spend-total", fmtUSD(budget.current_spending_usd));
+    const limit = budget.monthly_limit_usd;
+    const hasLimit = typeof limit === "number";
+    setText("spend-limit", hasLimit ? `of ${fmtUSD(limit)} limit` : "no monthly limit");
+    const used = hasLimit && typeof budget.utilization_percent === "number" ? budget.utilization_percent : 0;
+    const box = $("spend-bar-box");
+    box.hidden = !hasLimit;
+    box.setAttribute("aria-valuenow", used.toFixed(1));
+    $("spend-bar").style.width = `${Math.min(100, used).toFixed(1)}%`;
+    const parts = hasLimit ? [`${used.toFixed(1)}% used`, `${fmtUSD(budget.remaining_usd)} left`, `soft limit ${budget.soft_limit_percent}%`, `at the limit: ${budget.hard_limit_action}`] : [];
+    setText("spend-utilization", parts.join(" · "));
+    setText("spend-reserved", budget.reserved_usd ? `${hasLimit ? "· " : ""}${fmtUSD(budget.reserved_usd)} reserved by calls in flight` : "");
+    const rows = (s.backends || [])
+      .filter((b) => typeof b.cost_usd === "number" && b.cost_usd > 0)
+      .sort((a, b) => b.cost_usd - a.cost_usd);
+    const total = budget.current_spending_usd || 0;
+    const list = $("spend-backends");
+    if (!rows.length) {
+      list.replaceChildren(el("li", { className: "empty", text: "Nothing spent yet this month." }));
+      return;
+    }
+    list.replaceChildren(
+      ...rows.map((b) => {
+        const fill = el("span");
+        fill.style.width = `${total > 0 ? Math.min(100, (100 * b.cost_usd) / total).toFixed(1) : 0}%`;
+        return el(
+          "li",
+          { data: { backend: b.name } },
+          el("span", { className: "name", text: b.name, title: b.name }),
+          el("span", { className: "num cost", text: fmtUSD(b.cost_usd) }),
+          el("div", { className: "bar" }, fill),
+        );
+      }),
+    );
   }
 
   function metric(label, value, extra) {
@@ -338,16 +397,19 @@
     const tokens = o.prompt_tokens == null && o.completion_tokens == null ? "–" : `${o.prompt_tokens || 0}+${o.completion_tokens || 0}`;
     const model = o.fallback_model ? `${o.model} → ${o.fallback_model}` : o.model || "–";
     const route = [o.route_reason, o.attempts > 1 ? `${o.attempts} tries` : "", o.stream ? "stream" : ""].filter(Boolean).join(" · ");
+    const priced = typeof o.cost_usd === "number";
+    const via = [o.backend ? `via ${o.backend}` : "", priced ? fmtUSD(o.cost_usd) : ""].filter(Boolean).join(" · ");
     return el(
       "tr",
       { data: { requestId: o.request_id } },
       el("td", { className: "mono", text: fmtClock(o.time) }),
-      el("td", { className: "model" }, el("div", { className: "mono", text: model }), el("div", { className: "via", text: o.backend ? `via ${o.backend}` : "" })),
+      el("td", { className: "model" }, el("div", { className: "mono", text: model }), el("div", { className: "via", text: via })),
       el("td", { className: "backend-name wide", text: o.backend || "–" }),
       el("td", null, el("span", { className: `code ${ok ? "ok" : "err"}`, text: o.status }), o.error_type && o.error_type !== `http_${o.status}` ? el("div", { className: "reason", text: o.error_type }) : null),
       el("td", { className: "num", text: fmtMs(o.duration_ms) }),
       el("td", { className: "num opt", text: fmtMs(o.ttft_ms) }),
       el("td", { className: "num opt", text: tokens }),
+      el("td", { className: "num opt cost", text: priced ? fmtUSD(o.cost_usd) : "–" }),
       el("td", { className: "reason opt", text: route || "–" }),
     );
   }
@@ -370,7 +432,7 @@
       body.prepend(...rows.reverse());
       while (body.rows.length > FEED_MAX) body.lastElementChild.remove();
     }
-    if (!body.rows.length) body.replaceChildren(el("tr", { className: "placeholder" }, el("td", { colspan: 8, className: "empty", text: "No requests yet." })));
+    if (!body.rows.length) body.replaceChildren(el("tr", { className: "placeholder" }, el("td", { colspan: 9, className: "empty", text: "No requests yet." })));
   }
 
   // ---- charts: canvas, drawn by hand --------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Prices, the cost of each request, and the month's spend against the budget."""

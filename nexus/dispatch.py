@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import orjson
@@ -64,6 +64,7 @@ class Served:
     attempts: int
     cost: float | None = None  # USD: the real cost, or a stream's worst case before it starts
     budget: tuple[tuple[bytes, bytes], ...] = ()  # X-Nexus-Budget-*, when not normal
+    charge: Charge | None = None  # what a stream holds in the ledger until it ends
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         backend = self.step.backend
@@ -176,10 +177,7 @@ class Dispatcher:
             self._settle(charge, step, request, trace, result.usage)
             return result
 
-        result, served = await self._walk(request, body, raw, client, request_id, attempt, trace)
-        if trace.cost_usd is not None or self.meter is not None:
-            served = self._priced(served, trace.cost_usd)
-        return result, served
+        return await self._walk(request, body, raw, client, request_id, attempt, trace)
 
     async def stream(
         self,
@@ -193,27 +191,23 @@ class Dispatcher:
         commit point (the caller sends headers only then). The slot is held until the relay ends."""
         request = self.route_request("chat", body, client, len(raw))
         trace = trace or Trace()
-        charges: list[Charge | None] = [None]
 
         async def attempt(
             adapter: Adapter, step: Step, call: Call, charge: Charge | None
         ) -> StartedStream:
             try:
-                opened = await adapter.open_stream(step.backend, call)
+                return await adapter.open_stream(step.backend, call)
             except BaseException:
                 self._release(step.backend)
                 self._release_charge(charge)
                 raise
-            charges[0] = charge
-            return opened
 
         started = self.clock()
         upstream, served = await self._walk(request, body, raw, client, request_id, attempt, trace)
         trace.ttft_ms = (self.clock() - started) * 1000
-        charge = charges[0]
-        if charge is not None or self.meter is not None:
-            served = self._priced(served, charge.worst if charge is not None else None)
-        events = self._relay(upstream, served.step, request, request_id, started, trace, charge)
+        events = self._relay(
+            upstream, served.step, request, request_id, started, trace, served.charge
+        )
         return StreamResult(served, events)
 
     async def _plan(self, request: RouteRequest) -> tuple[Plan, bool]:
@@ -308,7 +302,14 @@ class Dispatcher:
                 reason = "queued" if queued and index == 0 and step.fallback is None else None
                 if refused and last is None and step.fallback is None:
                     reason = "budget-limit"  # the steps before were refused by the budget only
-                served = Served(step, reason or plan.route_reason(index), tries)
+                # A stream's headers go before its usage: they carry its worst case.
+                cost = None
+                if charge is not None:
+                    cost = charge.worst if request.requirements.stream else trace.cost_usd
+                budget = self._budget_headers()
+                served = Served(
+                    step, reason or plan.route_reason(index), tries, cost, budget, charge
+                )
                 trace.backend, trace.route_reason = step.backend.name, served.route_reason
                 trace.fallback_model = step.fallback
                 return result, served
@@ -433,13 +434,11 @@ class Dispatcher:
             if budget:
                 exc.extra_headers = {name.decode(): value.decode() for name, value in budget}
 
-    def _priced(self, served: Served, cost: float | None) -> Served:
-        """The cost and budget headers, added to what served."""
-        assert self.meter is not None
-        budget = tuple(self.meter.ledger.headers())
-        if cost is None and not budget:
-            return served
-        return replace(served, cost=cost, budget=budget)
+    def _budget_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        meter = self.meter
+        if meter is None or meter.ledger.limit is None:
+            return ()
+        return tuple(meter.ledger.headers())
 
     def _release(self, backend: Backend) -> None:
         backend.in_flight -= 1

@@ -15,6 +15,7 @@ import asyncio
 import calendar
 import concurrent.futures
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ class Ledger:
         self.rollovers = 0
         self.refused = 0  # reservations refused by the limit
         self._told = NORMAL  # the status last logged this month
+        self._tell_at = math.inf if self.limit is None else self.limit * self.soft_fraction
         self.totals: dict[tuple[str, str], Totals] = {}  # (backend, model) -> month to date
         self._pending: dict[tuple[str, str, str], Totals] = {}  # (month, backend, model)
         self._timer: asyncio.TimerHandle | None = None
@@ -195,7 +197,7 @@ class Ledger:
         if totals is None:
             totals = self.totals[key] = Totals()
         totals.add(cost, prompt_tokens, completion_tokens)
-        if self.limit is not None and self._told != HARD_LIMIT:
+        if self.spent >= self._tell_at:
             self._tell()
         if self.store is None:
             return
@@ -249,6 +251,7 @@ class Ledger:
             return
         self._told = status
         assert self.limit is not None
+        self._tell_at = self.limit if status == SOFT_LIMIT else math.inf
         what = "soft limit" if status == SOFT_LIMIT else f"hard limit ({self.action} applies)"
         log.warning("monthly budget: %s reached, $%.4f of $%.2f spent in %s",
                     what, self.spent, self.limit, self.month)  # fmt: skip
@@ -264,6 +267,7 @@ class Ledger:
         self.totals.clear()
         self.rollovers += 1
         self._told = NORMAL
+        self._tell_at = math.inf if self.limit is None else self.limit * self.soft_fraction
         log.info("a new month (%s): the spend starts again from 0", self.month)
 
     def _flush(self) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -67,7 +67,7 @@ class Tokens:
         """An OpenAI ``usage`` object (with its details) read defensively; None if it is not one
         or its counts are not counts (a string, a negative number): the caller then charges its
         estimate, as a priced call with garbage for usage must not count as free."""
-        if not isinstance(usage, Mapping):
+        if not isinstance(usage, dict):  # parsed JSON: a dict (an ABC check costs µs per call)
             return None
         prompt = _exact(usage.get("prompt_tokens"))
         out_count = usage.get("completion_tokens")
@@ -76,11 +76,11 @@ class Tokens:
             return None
         details = usage.get("prompt_tokens_details")
         cached = write = reasoning = 0
-        if isinstance(details, Mapping):
+        if type(details) is dict:
             cached = _count(details.get("cached_tokens"))
             write = _count(details.get("cache_write_tokens"))
         out = usage.get("completion_tokens_details")
-        if isinstance(out, Mapping):
+        if type(out) is dict:
             reasoning = _count(out.get("reasoning_tokens"))
         cached = min(cached, prompt)  # never more tokens billed than the prompt has
         return cls(prompt, completion, cached, min(write, prompt - cached), reasoning)
@@ -88,7 +88,7 @@ class Tokens:
 
 def _exact(value: object) -> int | None:
     """A token count, or None for anything else (bools, negatives, strings, floats)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    return value if type(value) is int and value >= 0 else None
 
 
 def _count(value: object) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -16,6 +17,19 @@ from .fakes import FakeUpstream
 from .harness import LoopThread, NexusServer
 
 F = TypeVar("F", bound=FakeUpstream)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every Nexus the tests start (in process or as ``nexus serve``) keeps its spend under a
+    temporary $XDG_STATE_HOME, never in the user's ~/.local/state/nexus."""
+    before = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state-home"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = before
 
 
 @pytest.fixture(scope="session")

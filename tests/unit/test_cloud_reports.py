@@ -35,8 +35,13 @@ def test_usage_counts_that_are_not_counts_are_zero_not_a_crash() -> None:
     from nexus.dialects.anthropic import usage
     from nexus.dialects.counts import count
 
-    assert [count(v) for v in (5, "7", -3, True, 2.5, "x", None, {}, "9" * 30)] == [
+    values: tuple[object, ...] = (5, "7", -3, True, 2.5, "x", None, {}, "9" * 30)
+    assert [count(v) for v in values] == [
         5, 7, 0, 0, 0, 0, 0, 0, 0,
     ]  # fmt: skip
-    hostile = {"input_tokens": "12", "output_tokens": [], "cache_read_input_tokens": -1}
+    hostile: dict[str, object] = {
+        "input_tokens": "12",
+        "output_tokens": [],
+        "cache_read_input_tokens": -1,
+    }
     assert usage(hostile)["prompt_tokens"] == 12 and usage(hostile)["completion_tokens"] == 0

@@ -16,8 +16,10 @@ from .api.admin import Health, History, Live, Metrics, Ready, Stats
 from .api.backends import AdminBackends, BackendList
 from .api.errors import HANDLERS
 from .api.guard import Guard
+from .api.messages import CountTokens, Messages
 from .api.middleware import GatewayMiddleware
 from .api.openai import ChatCompletions, Embeddings, Models
+from .api.responses import Responses
 from .backends import Adapters, HTTP1Client, ProxyRules, Timeouts
 from .config import ConfigError, Settings, state_path, upstream_network
 from .cost.ledger import Ledger
@@ -126,6 +128,9 @@ def create_app(
     hot_routes: dict[str, ASGIApp] = {
         "/v1/chat/completions": ChatCompletions(),
         "/v1/embeddings": Embeddings(),
+        "/v1/messages": Messages(),
+        "/v1/messages/count_tokens": CountTokens(),
+        "/v1/responses": Responses(),
     }
     routes = [
         *(Route(path, handler, methods=["POST"]) for path, handler in hot_routes.items()),

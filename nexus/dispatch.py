@@ -26,12 +26,17 @@ from typing import Literal, TypeVar
 
 import orjson
 
-from .backends import Adapter, Adapters, Call, Completion, StartedStream
+from .backends import Adapter, Adapters, Call, Completion, Inbound, StartedStream
+
+__all__ = ["Dispatcher", "Inbound", "Served", "StreamResult"]
+from .backends.anthropic import AnthropicAdapter
 from .backends.sse import DONE, is_done
 from .cost.ledger import Reservation
 from .cost.meter import CostMeter, output_bound
 from .cost.pricing import Price
+from .dialects import anthropic_inbound
 from .errors import (
+    InvalidRequest,
     JSONDict,
     NexusError,
     NoHealthyBackend,
@@ -97,6 +102,7 @@ class Charge:
 class StreamResult:
     served: Served
     events: AsyncGenerator[bytes, None]
+    native: bool = False  # the events are in the client's own API, not OpenAI chunks
 
 
 class Dispatcher:
@@ -147,8 +153,10 @@ class Dispatcher:
         client: Mapping[str, str],
         request_id: str,
         trace: Trace | None = None,
+        inbound: Inbound | None = None,
     ) -> tuple[Completion, Served]:
-        """A whole (non-streaming) answer from the first step of the plan that gives one."""
+        """A whole (non-streaming) answer from the first step of the plan that gives one.
+        ``inbound``: what a request in another API carries beside its chat form."""
         request = self.route_request(kind, body, client, len(raw))
         trace = trace or Trace()
         trace.kind = kind
@@ -177,7 +185,7 @@ class Dispatcher:
             self._settle(charge, step, request, trace, result.usage)
             return result
 
-        return await self._walk(request, body, raw, client, request_id, attempt, trace)
+        return await self._walk(request, body, raw, client, request_id, attempt, trace, inbound)
 
     async def stream(
         self,
@@ -186,6 +194,7 @@ class Dispatcher:
         client: Mapping[str, str],
         request_id: str,
         trace: Trace | None = None,
+        inbound: Inbound | None = None,
     ) -> StreamResult:
         """Start a stream on the first step whose backend sends an event: that event is the
         commit point (the caller sends headers only then). The slot is held until the relay ends."""
@@ -203,12 +212,32 @@ class Dispatcher:
                 raise
 
         started = self.clock()
-        upstream, served = await self._walk(request, body, raw, client, request_id, attempt, trace)
+        upstream, served = await self._walk(
+            request, body, raw, client, request_id, attempt, trace, inbound
+        )
         trace.ttft_ms = (self.clock() - started) * 1000
         events = self._relay(
             upstream, served.step, request, request_id, started, trace, served.charge
         )
-        return StreamResult(served, events)
+        return StreamResult(served, events, upstream.native)
+
+    async def count_tokens(self, body: JSONDict) -> int:
+        """A Messages request's input tokens: Anthropic's own count when the model's first choice
+        is an Anthropic backend, else (or if that count fails) Nexus's estimate."""
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("'model' must be a non-empty string", param="model")
+        if not isinstance(body.get("messages"), list):
+            raise InvalidRequest("'messages' must be a list of messages", param="messages")
+        plan = self.router.plan(RouteRequest(model))
+        step = plan.steps[0] if plan.steps else None
+        adapter = self.adapters.for_type(step.backend.type) if step is not None else None
+        if step is not None and isinstance(adapter, AnthropicAdapter):
+            try:
+                return await adapter.count_tokens(step.backend, step.model, body)
+            except UpstreamError as exc:
+                log.info("count_tokens: %s; answering with the estimate", exc)
+        return anthropic_inbound.estimate_input_tokens(body)
 
     async def _plan(self, request: RouteRequest) -> tuple[Plan, bool]:
         """The plan; while every backend that could serve it is busy, wait in the queue and plan
@@ -259,6 +288,7 @@ class Dispatcher:
         request_id: str,
         attempt: Callable[[Adapter, Step, Call, Charge | None], Awaitable[T]],
         trace: Trace,
+        inbound: Inbound | None = None,
     ) -> tuple[T, Served]:
         """Try the plan's steps in order until one answers; ``attempt`` owns the in-flight slot
         taken here (it releases it when the answer is complete, or at once when it fails)."""
@@ -288,7 +318,8 @@ class Dispatcher:
                 trace.attempts = tries
                 trace.backend = step.backend.name  # a failure is counted against who failed
                 headers = upstream_headers(step, client, request_id)
-                call = Call(body, raw, step.model, headers, request.requirements.estimated_tokens)
+                estimate = request.requirements.estimated_tokens
+                call = Call(body, raw, step.model, headers, estimate, inbound)
                 step.backend.in_flight += 1
                 step.backend.total_requests += 1
                 try:
@@ -360,7 +391,7 @@ class Dispatcher:
         except UpstreamError as exc:
             self._failed(step, exc, request_id, started=True)
             trace.error_type = "stream_broken"
-            yield error_event(exc)
+            yield native_error_event(exc) if upstream.native else error_event(exc)
         finally:
             self._release(step.backend)
             trace.upstream_ms = (self.clock() - started) * 1000
@@ -370,7 +401,7 @@ class Dispatcher:
             if charge is not None:  # no usage (cut short): about a token per event relayed
                 usage = upstream.usage if upstream.usage is not None else trace.last_usage
                 self._settle(charge, step, request, trace, usage, output_tokens=relayed)
-        if not done:
+        if not done and not upstream.native:  # a provider's own stream has its own ending
             yield DONE
 
     def _charge(self, step: Step, request: RouteRequest) -> Charge | None:
@@ -513,6 +544,12 @@ def _usage_of(event: bytes) -> object:
     except (ValueError, orjson.JSONDecodeError):
         return None
     return chunk.get("usage") if isinstance(chunk, dict) else None
+
+
+def native_error_event(exc: NexusError) -> bytes:
+    """A mid-stream failure in Anthropic's own stream: its ``error`` event."""
+    _, body = anthropic_inbound.error_body(exc.status_code, exc.message)
+    return b"event: error\ndata: " + body + b"\n\n"
 
 
 def stream_failure(exc: NexusError) -> bytes:

@@ -24,7 +24,7 @@ from starlette.datastructures import State
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import InternalError, NexusError, ServiceUnavailable
+from ..errors import InternalError, MethodNotAllowed, NexusError, ServiceUnavailable
 from ..telemetry.outcomes import Outcome, Trace, outcome_of
 from .guard import Guard
 from .http import ClientGone, send_json
@@ -67,12 +67,15 @@ class GatewayMiddleware:
                 start.append(message)
             await send(message)
 
-        refusal = self._refusal(scope)
+        handler = self.hot_routes.get(scope["path"])
+        # Another API's handler (Anthropic Messages) renders errors in that API's envelope.
+        render = getattr(handler, "render_error", None) or _openai_error
+        refusal = self._refusal(scope, handler)
         if refusal is not None:
             log.debug("refused %s %s: %s", scope["method"], scope["path"], refusal.message)
-            await send_json(send_with_id, refusal.status_code, refusal.body())
+            status, body = render(refusal)
+            await send_json(send_with_id, status, body, _encode(refusal.all_headers()))
             return
-        handler = self.hot_routes.get(scope["path"]) if scope["method"] == "POST" else None
         if handler is None:
             await self.app(scope, receive, send_with_id)
             return
@@ -94,7 +97,8 @@ class GatewayMiddleware:
                     await send_json(send_with_id, 503, ending.body())
         except NexusError as exc:
             trace.error_type = exc.error_type
-            await send_json(send_with_id, exc.status_code, exc.body(), _encode(exc.all_headers()))
+            status, body = render(exc)
+            await send_json(send_with_id, status, body, _encode(exc.all_headers()))
         except Exception:  # a bug: say so in the log, answer with an envelope if still possible
             log.exception("unexpected error on POST %s", scope["path"])
             trace.error_type = "internal_error"
@@ -110,8 +114,13 @@ class GatewayMiddleware:
         if access_log.isEnabledFor(logging.INFO):
             _log_request(scope["path"], outcome, trace.content)
 
-    def _refusal(self, scope: Scope) -> NexusError | None:
-        return None if self.guard is None else self.guard.check(scope)
+    def _refusal(self, scope: Scope, handler: ASGIApp | None = None) -> NexusError | None:
+        """The guard's refusal; else, on an inference route, any method but POST (answered here,
+        in that route's own envelope)."""
+        refusal = None if self.guard is None else self.guard.check(scope)
+        if refusal is None and handler is not None and scope["method"] != "POST":
+            refusal = MethodNotAllowed(f"Method {scope['method']} is not allowed here", "POST")
+        return refusal
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """WebSockets pass the guard first; lifespan goes straight through."""
@@ -121,6 +130,10 @@ class GatewayMiddleware:
                 await _refuse_websocket(scope, receive, send, refusal)
                 return
         await self.app(scope, receive, send)
+
+
+def _openai_error(exc: NexusError) -> tuple[int, bytes]:
+    return exc.status_code, exc.body()
 
 
 def _request_id(scope: Scope) -> bytes:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 from starlette.types import Send
 
 from ..dispatch import StreamResult, stream_failure
-from ..errors import ServiceUnavailable
+from ..errors import NexusError, ServiceUnavailable
 from .http import ClientGone
 
 SHUTTING_DOWN = "Nexus is shutting down; the stream was cut short (retry against a running Nexus)"
@@ -31,8 +32,19 @@ def ends_stream(item: bytes) -> bool:
     return item.endswith(b"data: [DONE]\n\n") and (len(item) == 14 or item[-16:-14] == b"\n\n")
 
 
-async def send_stream(send: Send, result: StreamResult) -> None:
-    events = result.events
+async def send_stream(
+    send: Send,
+    result: StreamResult,
+    events: AsyncGenerator[bytes, None] | None = None,
+    *,
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
+    failure: Callable[[NexusError], bytes] = stream_failure,
+) -> None:
+    """Send ``result``'s stream, or ``events`` made from it (another API's translation, which
+    closes the relay when it is closed); ``failure`` is that API's last event for a stream that
+    Nexus itself has to cut."""
+    if events is None:
+        events = result.events
     try:
         # Start the relay before anything else can fail: its clean-up (release the slot, close
         # the upstream) runs only in a relay that started. Its first event is already in hand.
@@ -41,7 +53,7 @@ async def send_stream(send: Send, result: StreamResult) -> None:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [*SSE_HEADERS, *result.served.headers()],
+                "headers": [*SSE_HEADERS, *result.served.headers(), *extra_headers],
             }
         )
         more = True
@@ -60,8 +72,38 @@ async def send_stream(send: Send, result: StreamResult) -> None:
         # already, and the body below is then dropped). End the stream as a failure, not a cut.
         await events.aclose()
         with contextlib.suppress(Exception):
-            ending = stream_failure(ServiceUnavailable(SHUTTING_DOWN))
+            ending = failure(ServiceUnavailable(SHUTTING_DOWN))
             await send({"type": "http.response.body", "body": ending, "more_body": False})
         raise
     finally:
+        await events.aclose()
+
+
+async def with_pings(
+    events: AsyncGenerator[bytes, None], ping: bytes, interval: float
+) -> AsyncGenerator[bytes, None]:
+    """``events``, with ``ping`` sent whenever the stream was silent for ``interval`` seconds
+    (clients and proxies that give up on a quiet connection keep it). Closing this closes
+    ``events``."""
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait((pending,), timeout=interval)
+            if not done:
+                yield ping
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                pending = None
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
         await events.aclose()

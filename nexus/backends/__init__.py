@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .anthropic import AnthropicAdapter
-from .base import Adapter, Call, Completion, EventStream, StartedStream, Timeouts
+from .base import Adapter, Call, Completion, EventStream, Inbound, StartedStream, Timeouts
 from .google import GoogleAdapter
 from .http1 import HTTP1Client
 from .ollama import OllamaAdapter
@@ -16,6 +16,7 @@ __all__ = [
     "Call",
     "Completion",
     "EventStream",
+    "Inbound",
     "StartedStream",
     "HTTP1Client",
     "ProxyRules",

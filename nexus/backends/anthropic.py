@@ -9,6 +9,7 @@ Anthropic's envelope go on as OpenAI envelopes with the provider's status and me
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 
@@ -61,6 +62,8 @@ class AnthropicAdapter(HTTPAdapter):
         return Probe(models)
 
     async def chat(self, backend: Backend, call: Call) -> Completion:
+        if call.native is not None:
+            return await self._native_chat(backend, call)
         payload = self._payload(backend, call, stream=False)
         body = await self.post_json(
             backend, "/v1/messages", payload, self._call_headers(backend, call)
@@ -72,6 +75,16 @@ class AnthropicAdapter(HTTPAdapter):
         return Completion(orjson.dumps(completion), completion["usage"])
 
     async def open_stream(self, backend: Backend, call: Call) -> StartedStream:
+        if call.native is not None:
+            started = await self.open_events(
+                backend,
+                "/v1/messages",
+                native_payload(call, stream=True),
+                self._call_headers(backend, call),
+                lambda resp: NativeStream(backend, resp, self.timeouts.stream_idle),
+            )
+            started.native = True
+            return started
         payload = self._payload(backend, call, stream=True)
         usage, model = call.include_usage, call.requested_model
         idle = self.timeouts.stream_idle
@@ -82,6 +95,39 @@ class AnthropicAdapter(HTTPAdapter):
             self._call_headers(backend, call),
             lambda resp: AnthropicStream(backend, resp, idle, model, usage),
         )
+
+    async def _native_chat(self, backend: Backend, call: Call) -> Completion:
+        """A Messages request sent as the client wrote it; the answer comes back as it is (its
+        ``model`` the one the client asked for)."""
+        body = await self.post_json(
+            backend,
+            "/v1/messages",
+            native_payload(call, stream=False),
+            self._call_headers(backend, call),
+        )
+        message = parse_json(backend, body)
+        if not isinstance(message, dict):
+            raise UpstreamProtocolError(backend.name, f"Backend '{backend.name}' sent a non-object")
+        usage = message.get("usage")
+        counted = dialect.usage(usage) if isinstance(usage, dict) else None
+        requested = call.native.get("model") if call.native is not None else None
+        if isinstance(requested, str) and message.get("model") != requested:
+            message["model"] = requested
+            body = orjson.dumps(message)
+        return Completion(body, counted, native=True)
+
+    async def count_tokens(self, backend: Backend, model: str, body: dict[str, Any]) -> int:
+        """Anthropic's own count of a Messages request's input (free, not a generation)."""
+        wanted = ("messages", "system", "tools", "tool_choice", "thinking")
+        request = {"model": model, **{key: body[key] for key in wanted if key in body}}
+        answer = await self.post_json(
+            backend, "/v1/messages/count_tokens", encode_request(request), self.headers(backend)
+        )
+        data = parse_json(backend, answer)
+        count = data.get("input_tokens") if isinstance(data, dict) else None
+        if type(count) is not int or count < 0:
+            raise UpstreamProtocolError(backend.name, "Anthropic sent no input_tokens count")
+        return count
 
     async def embeddings(self, backend: Backend, call: Call) -> Completion:
         message = f"Backend '{backend.name}' (Anthropic) serves no embeddings"
@@ -102,6 +148,47 @@ class AnthropicAdapter(HTTPAdapter):
     def _call_headers(self, backend: Backend, call: Call) -> dict[str, str]:
         # Built from the backend's own key: call.headers may carry the client's Authorization.
         return self.headers(backend, call.headers.get("X-Request-Id"))
+
+
+def native_payload(call: Call, *, stream: bool) -> bytes:
+    """The client's Messages request for this backend: its own model name, the stream flag."""
+    assert call.native is not None
+    request = {**call.native, "model": call.model}
+    if stream:
+        request["stream"] = True
+    else:
+        request.pop("stream", None)
+    return encode_request(request)
+
+
+class NativeStream(SSEStream):
+    """Anthropic's own events, passed on as they come; the usage they carry (``message_start``
+    and ``message_delta``) is kept, in OpenAI's form, for the cost."""
+
+    _native_usage: dict[str, Any] | None = None
+
+    def passing(self, events: list[bytes]) -> list[bytes]:
+        for event in events:
+            if b'"usage"' in event:
+                self._read_usage(event)
+        return events
+
+    def _read_usage(self, event: bytes) -> None:
+        try:
+            data = orjson.loads(event[event.index(b"data:") + 5 :])
+        except (ValueError, orjson.JSONDecodeError):
+            return
+        if not isinstance(data, dict):
+            return
+        usage = data.get("usage")
+        message = data.get("message")
+        if usage is None and isinstance(message, dict):
+            usage = message.get("usage")
+        if not isinstance(usage, dict):
+            return
+        merged = {**(self._native_usage or {}), **{k: v for k, v in usage.items() if v is not None}}
+        self._native_usage = merged
+        self.keep_usage(dialect.usage(merged))
 
 
 def _id(entry: dict[str, object]) -> bool:

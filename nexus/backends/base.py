@@ -15,7 +15,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -56,6 +56,15 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class Inbound:
+    """What a request in another API (Anthropic Messages, OpenAI Responses) carries beside the
+    chat form every backend is sent."""
+
+    native: JSONDict | None = None  # the client's own Anthropic Messages request
+    reasoning_effort: str | None = None  # low | medium | high: only where the backend takes it
+
+
+@dataclass(frozen=True, slots=True)
 class Call:
     """What a handler hands an adapter: the body as data and as the client's bytes."""
 
@@ -64,6 +73,22 @@ class Call:
     model: str  # the backend's own name for the model
     headers: Mapping[str, str]  # upstream headers decided by dispatch (auth, request id)
     prompt_tokens: int = 0  # the router's estimate of the prompt (text only)
+    inbound: Inbound | None = None  # what a request in another API carries beside its chat form
+
+    @property
+    def native(self) -> JSONDict | None:
+        """The client's own request when it spoke a provider's API (Anthropic Messages): a
+        backend of that provider is sent it as it came, never translated twice."""
+        return self.inbound.native if self.inbound is not None else None
+
+    def with_reasoning_effort(self) -> Call:
+        """This call with the client's reasoning effort in its body, for a backend that takes
+        it (the chat form leaves it out, so that backends without it are not refused)."""
+        effort = self.inbound.reasoning_effort if self.inbound is not None else None
+        if effort is None or "reasoning_effort" in self.body:
+            return self
+        body = {**self.body, "model": self.model, "reasoning_effort": effort}
+        return replace(self, body=body, raw=encode_request(body))
 
     @property
     def requested_model(self) -> str:
@@ -107,7 +132,8 @@ class Probe:
 @dataclass(frozen=True, slots=True)
 class Completion:
     body: bytes
-    usage: JSONDict | None = None
+    usage: JSONDict | None = None  # OpenAI's form, whatever the body's
+    native: bool = False  # the body is in the client's own API (``Call.native`` was sent)
 
 
 class EventStream(Protocol):
@@ -132,6 +158,7 @@ class StartedStream:
     # The stream's usage when the adapter read it without passing it on (the client did not
     # ask for a usage chunk): set once the stream has ended. Dispatch reads it for the cost.
     usage: dict[str, Any] | None = None
+    native: bool = False  # events in the client's own API (``Call.native`` was sent)
 
     async def aclose(self) -> None:
         try:

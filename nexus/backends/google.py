@@ -69,7 +69,7 @@ class GoogleAdapter(HTTPAdapter):
 
     async def chat(self, backend: Backend, call: Call) -> Completion:
         _check_kind(backend, call, embeddings=False)
-        payload = _generate_payload(call.body)
+        payload = _generate_payload(call.with_reasoning_effort().body)  # a thinking budget
         body = await self.post_json(
             backend, _model_path(call.model, "generateContent"), payload, self.headers(backend)
         )
@@ -81,7 +81,7 @@ class GoogleAdapter(HTTPAdapter):
 
     async def open_stream(self, backend: Backend, call: Call) -> StartedStream:
         _check_kind(backend, call, embeddings=False)
-        payload = _generate_payload(call.body)
+        payload = _generate_payload(call.with_reasoning_effort().body)  # a thinking budget
         usage, model = call.include_usage, call.requested_model
         idle = self.timeouts.stream_idle
         return await self.open_events(

@@ -35,6 +35,9 @@ class Profile:
     # Servers known to take ``stream_options``: a stream's usage is asked for when the client
     # did not ask (and hidden from it). Unknown servers may refuse the field.
     stream_usage: bool = False
+    # Takes ``reasoning_effort`` (OpenAI's API): a client of another API that asked for an
+    # effort has it sent here; other servers are not sent it.
+    reasoning_effort: bool = False
 
 
 PROFILES = {
@@ -43,7 +46,7 @@ PROFILES = {
     "lmstudio": Profile(json_mode=True, stream_usage=True),
     "exo": Profile(json_mode=False),
     "generic": Profile(json_mode=False),
-    "openai": Profile(json_mode=False, stream_usage=True),
+    "openai": Profile(json_mode=False, stream_usage=True, reasoning_effort=True),
 }
 
 _GENERIC = PROFILES["generic"]
@@ -73,10 +76,12 @@ class OpenAIAdapter(HTTPAdapter):
         return Probe(models, slots if isinstance(slots, int) and slots > 0 else None)
 
     async def chat(self, backend: Backend, call: Call) -> Completion:
+        call = _with_effort(backend, call)
         body = await self.post_json(backend, "/v1/chat/completions", call.payload(), call.headers)
         return complete_response(backend, body)
 
     async def open_stream(self, backend: Backend, call: Call) -> StartedStream:
+        call = _with_effort(backend, call)
         idle = self.timeouts.stream_idle
         payload = None
         if not call.include_usage and PROFILES.get(backend.type, _GENERIC).stream_usage:
@@ -182,6 +187,12 @@ def embeddings_response(backend: Backend, body: bytes) -> Completion:
         )
     usage = data.get("usage")
     return Completion(body, usage if isinstance(usage, dict) else None)
+
+
+def _with_effort(backend: Backend, call: Call) -> Call:
+    if call.inbound is None or not PROFILES.get(backend.type, _GENERIC).reasoning_effort:
+        return call
+    return call.with_reasoning_effort()
 
 
 # --- a stream's usage, asked for and hidden from the client ----------------------------------

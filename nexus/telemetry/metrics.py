@@ -110,8 +110,8 @@ class Metrics(Collector):
         self._known_model = known_model
         self.requests = _Counter(
             "nexus_requests",
-            "Requests by model, backend and status",
-            ["model", "backend", "status"],
+            "Requests by model, backend, status and the API the client spoke",
+            ["model", "backend", "status", "api"],
         )
         self.errors = _Counter(
             "nexus_errors", "Failed requests by error type", ["error_type", "model"]
@@ -167,7 +167,7 @@ class Metrics(Collector):
         for o in batch:
             model = o.model if self._known_model(o.model) else "other"
             backend = o.backend or "none"
-            self.requests.inc((model, backend, str(o.status)))
+            self.requests.inc((model, backend, str(o.status), o.api))
             if not o.ok:
                 self.errors.inc((o.error_type or f"http_{o.status}", model))
             if o.fallback_model:

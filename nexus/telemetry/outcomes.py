@@ -23,6 +23,7 @@ DRAIN_DELAY = 0.02  # seconds an outcome may wait so that several are consumed t
 @dataclass(slots=True)
 class Trace:
     kind: str = "chat"
+    api: str = "chat"  # the API the client spoke: chat, messages, responses (embeddings: chat)
     model: str = ""
     stream: bool = False
     backend: str | None = None
@@ -72,6 +73,7 @@ class Outcome:
     stage_ns: dict[str, int]
     exclusions: dict[str, int]
     cost_usd: float | None = None
+    api: str = "chat"
 
     @property
     def ok(self) -> bool:
@@ -113,6 +115,7 @@ def outcome_of(
         stage_ns=trace.stage_ns,
         exclusions=trace.exclusions,
         cost_usd=trace.cost_usd,
+        api=trace.api,
     )
 
 

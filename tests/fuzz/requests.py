@@ -439,3 +439,160 @@ def requests(
     req = Req(route, verb, target, draw(headers(body_type=bodies is not None)), body)
     req.chunked = bool(body) and not (mostly(draw) or mostly(draw))
     return req
+
+
+# --- the agent APIs: Anthropic Messages and OpenAI Responses ----------------------------------
+blocks = usually(
+    st.fixed_dictionaries({"type": st.just("text"), "text": hostile_text})
+    | st.fixed_dictionaries(
+        {
+            "type": st.just("image"),
+            "source": st.fixed_dictionaries(
+                {
+                    "type": st.just("base64"),
+                    "media_type": st.just("image/png"),
+                    "data": st.just("AAAA"),
+                }
+            ),
+        }
+    )
+    | st.fixed_dictionaries(
+        {
+            "type": st.just("tool_use"),
+            "id": text,
+            "name": text,
+            "input": st.dictionaries(text, text, max_size=2),
+        }
+    )
+    | st.fixed_dictionaries(
+        {"type": st.just("tool_result"), "tool_use_id": text, "content": hostile_text}
+    ),
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "image", "document", "thinking", "x"]) | json_values},
+        optional={"text": json_values, "source": json_values, "input": json_values},
+    )
+    | json_values,
+)
+turns = usually(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "assistant", "system"]),
+            "content": usually(hostile_text, st.lists(blocks, max_size=3) | json_values),
+        }
+    ),
+    st.fixed_dictionaries({"role": text | json_values}, optional={"content": json_values})
+    | json_values,
+)
+MESSAGES_OPTIONS = {
+    "system": (hostile_text | st.lists(blocks, max_size=2), json_values),
+    "stream": (st.booleans(), json_values),
+    "tools": (
+        st.lists(
+            st.fixed_dictionaries(
+                {"name": text, "input_schema": st.just({"type": "object"})},
+                optional={"description": text, "type": st.just("web_search_20250305")},
+            ),
+            max_size=2,
+        ),
+        json_values,
+    ),
+    "tool_choice": (
+        st.sampled_from([{"type": "auto"}, {"type": "any"}, {"type": "none"}]),
+        json_values,
+    ),
+    "thinking": (st.just({"type": "enabled", "budget_tokens": 2048}), json_values),
+    "stop_sequences": (st.lists(text, max_size=2), json_values),
+    "temperature": (st.floats(0, 1), json_values),
+    "top_k": (st.integers(1, 50), json_values),
+    "metadata": (st.fixed_dictionaries({"user_id": text}), json_values),
+    "cache_control": (json_values, json_values),
+}
+
+
+@st.composite
+def messages_objects(draw: st.DrawFn) -> Any:
+    if not mostly(draw):
+        return draw(json_values)
+    body: dict[str, Any] = {}
+    if mostly(draw) or mostly(draw):
+        body["model"] = draw(models)
+    if mostly(draw) or mostly(draw):
+        body["max_tokens"] = draw(usually(st.integers(1, 4096), json_values))
+    if mostly(draw) or mostly(draw):
+        body["messages"] = draw(usually(st.lists(turns, min_size=1, max_size=3), json_values))
+    for key in draw(st.lists(st.sampled_from(sorted(MESSAGES_OPTIONS)), max_size=3, unique=True)):
+        valid, hostile = MESSAGES_OPTIONS[key]
+        body[key] = draw(usually(valid, hostile))
+    return body
+
+
+items = usually(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "assistant", "developer", "system"]),
+            "content": usually(
+                hostile_text,
+                st.lists(
+                    st.fixed_dictionaries(
+                        {"type": st.sampled_from(["input_text", "output_text"]), "text": text}
+                    ),
+                    max_size=2,
+                )
+                | json_values,
+            ),
+        }
+    )
+    | st.fixed_dictionaries(
+        {
+            "type": st.just("function_call"),
+            "call_id": text,
+            "name": text,
+            "arguments": st.just("{}") | text,
+        }
+    )
+    | st.fixed_dictionaries(
+        {"type": st.just("function_call_output"), "call_id": text, "output": hostile_text}
+    ),
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["message", "reasoning", "item_reference", "x"]) | json_values},
+        optional={"content": json_values, "id": json_values},
+    )
+    | json_values,
+)
+RESPONSES_OPTIONS = {
+    "instructions": (hostile_text, json_values),
+    "stream": (st.booleans(), json_values),
+    "tools": (
+        st.lists(
+            st.fixed_dictionaries(
+                {"type": st.just("function"), "name": text, "parameters": st.just({})}
+            )
+            | st.just({"type": "web_search"}),
+            max_size=2,
+        ),
+        json_values,
+    ),
+    "tool_choice": (st.sampled_from(["auto", "none", "required"]), json_values),
+    "max_output_tokens": (st.integers(1, 4096), json_values),
+    "text": (st.just({"format": {"type": "json_object"}}), json_values),
+    "reasoning": (st.just({"effort": "low"}), json_values),
+    "store": (st.booleans(), json_values),
+    "previous_response_id": (st.just("resp_unknown"), json_values),
+    "include": (st.just(["reasoning.encrypted_content"]), json_values),
+}
+
+
+@st.composite
+def responses_objects(draw: st.DrawFn) -> Any:
+    if not mostly(draw):
+        return draw(json_values)
+    body: dict[str, Any] = {}
+    if mostly(draw) or mostly(draw):
+        body["model"] = draw(models)
+    if mostly(draw) or mostly(draw):
+        body["input"] = draw(usually(hostile_text, st.lists(items, max_size=3) | json_values))
+    keys = st.lists(st.sampled_from(sorted(RESPONSES_OPTIONS)), max_size=3, unique=True)
+    for key in draw(keys):
+        valid, hostile = RESPONSES_OPTIONS[key]
+        body[key] = draw(usually(valid, hostile))
+    return body

@@ -168,9 +168,11 @@ def test_counters_move_for_chat_stream_and_failed_requests(start_fake, start_nex
 
     m = scrape(client, nexus)
     # requests by model, backend and status
-    assert m.value("nexus_requests_total", model="mock-model", backend="vllm-1", status="200") == 2
+    labels = {"model": "mock-model", "backend": "vllm-1", "api": "chat"}
+    assert m.value("nexus_requests_total", **labels, status="200") == 2
     assert m.total("nexus_requests_total", model="mock-model", status="502") == 1
-    assert m.value("nexus_requests_total", model="other", backend="none", status="404") == 1
+    pooled = {"model": "other", "backend": "none", "status": "404", "api": "chat"}
+    assert m.value("nexus_requests_total", **pooled) == 1
     assert m.total("nexus_requests_total") == 4
     # errors: the failed upstream and the unknown model, which is labelled "other"
     assert m.value("nexus_errors_total", error_type="model_not_found", model="other") == 1
@@ -220,7 +222,8 @@ def test_exclusions_and_fleet_gauges_with_a_tier_policy_and_a_dead_backend(
         assert wait_for(lambda: requests_seen(client, nexus) == 3)
 
         m = scrape(client, nexus)
-    assert m.value("nexus_requests_total", model="mock-model", backend="high", status="200") == 3
+    high = {"model": "mock-model", "backend": "high", "status": "200", "api": "chat"}
+    assert m.value("nexus_requests_total", **high) == 3
     assert m.value("nexus_reconciler_exclusions_total", reconciler="tier") == 3  # "low", each time
     assert m.value("nexus_reconciler_duration_seconds_count", reconciler="tier") == 3
     assert m.value("nexus_backends_total") == 3
@@ -241,7 +244,7 @@ def test_stream_without_usage_counts_no_tokens_but_its_time_to_first_token(
 
     m = scrape(client, nexus)
     labels = {"model": "mock-model", "backend": "vllm-1"}
-    assert m.value("nexus_requests_total", **labels, status="200") == 1
+    assert m.value("nexus_requests_total", **labels, status="200", api="chat") == 1
     assert m.value("nexus_time_to_first_token_seconds_count", **labels) == 1
     assert m.value("nexus_request_duration_seconds_count", **labels) == 1
     assert m.total("nexus_tokens_total") == 0
@@ -295,7 +298,7 @@ def test_a_failed_upstream_is_counted_against_the_backend_that_failed(
     }
     assert observed == {
         "nexus_requests_total": {
-            (("backend", "vllm-1"), ("model", "mock-model"), ("status", "502"))
+            (("api", "chat"), ("backend", "vllm-1"), ("model", "mock-model"), ("status", "502"))
         },
         "/v1/stats vllm-1": (1, 0, 1),
         "/v1/history backend": ["vllm-1"],
@@ -362,8 +365,9 @@ def test_model_labels_are_bounded(start_fake, start_nexus, client):
 
     m = scrape(client, nexus)
     added = m.series("nexus_requests_total") - before
-    assert added == {(("backend", "none"), ("model", "other"), ("status", "404"))}
-    assert m.value("nexus_requests_total", model="other", backend="none", status="404") == 50
+    assert added == {(("api", "chat"), ("backend", "none"), ("model", "other"), ("status", "404"))}
+    unknown = {"model": "other", "backend": "none", "status": "404", "api": "chat"}
+    assert m.value("nexus_requests_total", **unknown) == 50
     assert {dict(s)["model"] for s in m.series("nexus_errors_total")} == {"other"}
     assert not [model for model in invented if model in m.text]
 

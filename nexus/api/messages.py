@@ -1,0 +1,144 @@
+"""The Anthropic Messages API (``POST /v1/messages``, ``/v1/messages/count_tokens``) in front of
+every backend, for clients such as Claude Code.
+
+A request is translated to the internal chat form (``dialects/anthropic_inbound``) and goes
+through the same planner, dispatcher, failover and telemetry as ``/v1/chat/completions``; the
+answer comes back in Anthropic's shape, streams event for event, errors in Anthropic's envelope.
+An Anthropic backend is sent the client's own request and its answer is passed back as it came:
+never translated twice (``thinking``, ``cache_control`` and the rest reach it untouched).
+The client's key may come as ``x-api-key`` or ``Authorization: Bearer``; any
+``anthropic-version`` and ``anthropic-beta`` are accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from ..dialects import anthropic_inbound as inbound
+from ..dispatch import Inbound, StreamResult
+from ..errors import JSONDict, NexusError
+from .disconnect import DisconnectGuard
+from .http import client_headers, parse_object, read_body, send_json
+from .middleware import REQUEST_ID_KEY, trace_of
+from .openai import gateway_of
+from .sse import send_stream, with_pings
+
+PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+PING_INTERVAL = 10.0  # seconds of silence after which a ping keeps the connection alive
+
+
+MAX_DROPPED_HEADER = 1024  # characters of X-Nexus-Dropped-Tools; a longer list ends in "..."
+
+
+def dropped_header(names: list[str]) -> list[tuple[bytes, bytes]]:
+    """``X-Nexus-Dropped-Tools``: the hosted tools the serving backend cannot run."""
+    if not names:
+        return []
+    value = ", ".join(names).encode("ascii", "replace")
+    if len(value) > MAX_DROPPED_HEADER:
+        value = value[: MAX_DROPPED_HEADER - 3].rsplit(b", ", 1)[0] + b", ..."
+    return [(b"x-nexus-dropped-tools", value)]
+
+
+def take_effort(body: JSONDict) -> str | None:
+    """The reasoning effort the client asked for, out of the chat form: only backends that take
+    it are sent it (Gemini, OpenAI), so that the others are not refused for it."""
+    effort = body.pop("reasoning_effort", None)
+    return effort if isinstance(effort, str) else None
+
+
+def keyed_headers(scope: Scope) -> dict[str, str]:
+    """The client's headers, its ``x-api-key`` read as a bearer token when it sent no
+    ``Authorization`` (for keyless backends the user added, as on the chat route)."""
+    headers = client_headers(scope)
+    key = headers.get("x-api-key")
+    if key and "authorization" not in headers:
+        headers["authorization"] = f"Bearer {key}"
+    return headers
+
+
+def render_error(exc: NexusError) -> tuple[int, bytes]:
+    """An error in Anthropic's envelope, with its status (529 for overloaded)."""
+    return inbound.error_body(exc.status_code, exc.message)
+
+
+def stream_error(exc: NexusError) -> bytes:
+    _, body = inbound.error_body(exc.status_code, exc.message)
+    return b"event: error\ndata: " + body + b"\n\n"
+
+
+class Messages:
+    """``POST /v1/messages``, streaming and not."""
+
+    render_error = staticmethod(render_error)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        trace = trace_of(scope)
+        trace.api = "messages"
+        original = parse_object(await read_body(scope, receive))
+        request = inbound.chat_request(original)
+        body = request.body
+        extras = Inbound(native=original, reasoning_effort=take_effort(body))
+        model = body["model"]
+        dispatcher = gateway_of(scope).dispatcher
+        headers = keyed_headers(scope)
+        request_id: str = scope[REQUEST_ID_KEY]
+        dropped = dropped_header(request.dropped_tools)
+        chat_raw = orjson.dumps(body)
+        async with DisconnectGuard(receive, send) as guard:
+            if body.get("stream") is True:
+                result = await dispatcher.stream(
+                    body, chat_raw, headers, request_id, trace, extras
+                )
+                if result.native:  # an Anthropic backend's own events, as they came
+                    events = with_pings(result.events, PING, PING_INTERVAL)
+                else:
+                    estimate = inbound.estimate_input_tokens(original)
+                    stream = inbound.MessagesStream(model, estimate)
+                    events = with_pings(translated(result, stream), PING, PING_INTERVAL)
+                await send_stream(
+                    guard.send, result, events, extra_headers=dropped, failure=stream_error
+                )
+                return
+            completion, served = await dispatcher.complete(
+                "chat", body, chat_raw, headers, request_id, trace, extras
+            )
+            answer = completion.body
+            if not completion.native:
+                answer = orjson.dumps(inbound.message_response(orjson.loads(answer), model))
+            await send_json(guard.send, 200, answer, [*served.headers(), *dropped])
+
+
+async def translated(
+    result: StreamResult, stream: inbound.MessagesStream
+) -> AsyncGenerator[bytes, None]:
+    """The relay's OpenAI events as Anthropic's; closing this closes the relay."""
+    events: AsyncIterator[bytes] = result.events
+    try:
+        async for item in events:
+            out = stream.feed(item)
+            if out:
+                yield out
+        tail = stream.finish()
+        if tail:
+            yield tail
+    finally:
+        await result.events.aclose()
+
+
+class CountTokens:
+    """``POST /v1/messages/count_tokens``: ``{"input_tokens": N}``, an estimate for backends
+    that cannot count (Anthropic's own count when the model's best backend is Anthropic)."""
+
+    render_error = staticmethod(render_error)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        trace = trace_of(scope)
+        trace.api = "messages"
+        trace.kind = "count_tokens"
+        body = parse_object(await read_body(scope, receive))
+        count = await gateway_of(scope).dispatcher.count_tokens(body)
+        await send_json(send, 200, orjson.dumps({"input_tokens": count}))

@@ -1,0 +1,122 @@
+"""The agent APIs share the chat pipeline: what each backend is sent of a request in another
+API (a reasoning effort only where it is taken; Anthropic's own request, natively, to an
+Anthropic backend), the route's own envelope for every refusal, and bounded headers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from nexus.registry import Status
+from tests.cloud_fakes import FakeClaude
+from tests.fakes import FakeOpenAI
+from tests.harness import settings_for, wait_for
+
+KEY_VAR = "NEXUS_TEST_AGENT_KEY"
+CHAT = "/v1/chat/completions"
+MESSAGES = "/v1/messages"
+
+
+def serve(start_nexus: Any, *backends: dict[str, Any]) -> Any:
+    nexus = start_nexus(settings_for(backends=list(backends)))
+    records = [nexus.gateway.registry.get(b["name"]) for b in backends]
+    assert wait_for(lambda: all(r.status is Status.HEALTHY for r in records)), [
+        r.last_error for r in records
+    ]
+    return nexus
+
+
+def backend(name: str, fake: Any, kind: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "url": fake.url, "type": kind, **extra}
+
+
+@pytest.fixture
+def keyed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_VAR, "sk-test-agent-key")
+
+
+def test_reasoning_effort_goes_only_where_it_is_taken(keyed, start_fake, start_nexus, client):
+    local = start_fake(FakeOpenAI(["m"]))
+    cloud = start_fake(FakeOpenAI(["m"]))
+    nexus = serve(
+        start_nexus,
+        backend("local", local, "vllm", priority=1),
+        backend("cloud", cloud, "openai", priority=2, api_key_env=KEY_VAR),
+    )
+    body = {"model": "m", "input": "think hard", "reasoning": {"effort": "high"}}
+    resp = client.post(nexus.url + "/v1/responses", json=body)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-nexus-backend"] == "local"
+    (sent,) = local.calls(CHAT)
+    assert "reasoning_effort" not in sent.json  # an unknown server is not sent it
+
+    local_down = nexus.gateway.registry.get("local")
+    nexus.gateway.health.mark_down(local_down, "test: down")
+    resp = client.post(nexus.url + "/v1/responses", json=body)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-nexus-backend"] == "cloud"
+    (sent,) = cloud.calls(CHAT)
+    assert sent.json["reasoning_effort"] == "high"  # OpenAI takes it
+
+
+def test_an_effort_does_not_keep_an_anthropic_backend_out(keyed, start_fake, start_nexus, client):
+    claude = start_fake(FakeClaude(["claude-x"]))
+    nexus = serve(start_nexus, backend("claude", claude, "anthropic", api_key_env=KEY_VAR))
+    body = {"model": "claude-x", "input": "hi", "reasoning": {"effort": "medium"}}
+    resp = client.post(nexus.url + "/v1/responses", json=body)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["output"][0]["content"][0]["text"] == "from claude"
+
+
+def test_an_anthropic_backend_gets_the_clients_own_request(keyed, start_fake, start_nexus, client):
+    claude = start_fake(FakeClaude(["claude-x"]))
+    nexus = serve(start_nexus, backend("claude", claude, "anthropic", api_key_env=KEY_VAR))
+    body = {
+        "model": "claude-x",
+        "max_tokens": 64,
+        "system": [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": "hi"}],
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "context_management": {"edits": []},
+        "metadata": {"user_id": "u-1"},
+    }
+    resp = client.post(nexus.url + MESSAGES, json=body)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["content"][0]["text"] == "from claude"
+    (sent,) = claude.generations()
+    assert sent.json == body  # as it came: never translated twice
+
+    resp = client.post(nexus.url + MESSAGES, json={**body, "stream": True})
+    assert resp.status_code == 200, resp.text
+    assert b"event: message_stop" in resp.content and b"[DONE]" not in resp.content
+    assert claude.generations()[-1].json == {**body, "stream": True}
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+def test_other_methods_get_the_routes_own_envelope(start_fake, start_nexus, client, method):
+    nexus = serve(start_nexus, backend("local", start_fake(FakeOpenAI(["m"])), "vllm"))
+    json_type = {"content-type": "application/json"}  # else the guard refuses it first (415)
+    resp = client.request(method, nexus.url + MESSAGES, headers=json_type)
+    assert resp.status_code == 405 and resp.headers["allow"] == "POST"
+    assert resp.json()["type"] == "error" and resp.json()["error"]["message"]
+    resp = client.request(method, nexus.url + "/v1/responses", headers=json_type)
+    assert resp.status_code == 405 and resp.headers["allow"] == "POST"
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_dropped_tools_header_is_bounded(start_fake, start_nexus, client):
+    fake = start_fake(FakeOpenAI(["m"]))
+    nexus = serve(start_nexus, backend("local", fake, "vllm"))
+    hosted = [{"type": "custom", "name": f"tool_{i:03d}_{'x' * 40}"} for i in range(200)]
+    tools = [*hosted, {"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    resp = client.post(
+        nexus.url + "/v1/responses", json={"model": "m", "input": "hi", "tools": tools}
+    )
+    assert resp.status_code == 200, resp.text
+    dropped = resp.headers["x-nexus-dropped-tools"]
+    assert len(dropped) <= 1024 and dropped.endswith("...")
+    assert dropped.startswith("tool_000_")
+    sent = orjson.loads(fake.calls(CHAT)[0].raw)
+    assert [t["function"]["name"] for t in sent["tools"]] == ["f"]

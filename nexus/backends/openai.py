@@ -6,7 +6,7 @@ context length and capabilities are learnt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -190,9 +190,34 @@ def embeddings_response(backend: Backend, body: bytes) -> Completion:
 
 
 def _with_effort(backend: Backend, call: Call) -> Call:
-    if call.inbound is None or not PROFILES.get(backend.type, _GENERIC).reasoning_effort:
+    """A request from another API (an agent's), adapted to this server: its reasoning effort
+    where the server takes it, and a ``max_tokens`` no larger than what the context leaves."""
+    if call.inbound is None:
         return call
-    return call.with_reasoning_effort()
+    if PROFILES.get(backend.type, _GENERIC).reasoning_effort:
+        call = call.with_reasoning_effort()
+    return _fitted(backend, call)
+
+
+# Agents ask for the most any model gives (Claude Code: max_tokens 32000); a server whose
+# context cannot hold the prompt plus that much refuses the whole request. The prompt is bounded
+# by a token per three bytes of the request (tools and system prompts included).
+BYTES_PER_TOKEN_BOUND = 3
+FIT_MARGIN = 256
+MIN_FITTED = 256
+
+
+def _fitted(backend: Backend, call: Call) -> Call:
+    model = backend.models.get(call.model)
+    context = model.context_length if model is not None else None
+    limit = call.body.get("max_tokens")
+    if not context or type(limit) is not int:
+        return call
+    room = context - len(call.raw) // BYTES_PER_TOKEN_BOUND - FIT_MARGIN
+    if limit <= room or room < MIN_FITTED:  # fits; or so little room that the server says why
+        return call
+    body = {**call.body, "model": call.model, "max_tokens": room}
+    return replace(call, body=body, raw=encode_request(body))
 
 
 # --- a stream's usage, asked for and hidden from the client ----------------------------------

@@ -120,3 +120,23 @@ def test_the_dropped_tools_header_is_bounded(start_fake, start_nexus, client):
     assert dropped.startswith("tool_000_")
     sent = orjson.loads(fake.calls(CHAT)[0].raw)
     assert [t["function"]["name"] for t in sent["tools"]] == ["f"]
+
+
+def test_an_agents_max_tokens_is_fitted_to_the_context(start_fake, start_nexus, client):
+    fake = start_fake(FakeOpenAI(["small"], max_model_len=8192))
+    nexus = serve(start_nexus, backend("local", fake, "vllm"))
+    body = {
+        "model": "small",
+        "max_tokens": 32000,  # what Claude Code asks for
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    resp = client.post(nexus.url + MESSAGES, json=body)
+    assert resp.status_code == 200, resp.text
+    sent = fake.calls(CHAT)[-1]
+    assert 0 < sent.json["max_tokens"] <= 8192 - len(sent.raw) // 3 - 256
+    # What fits is sent as it came; a plain chat request is never changed.
+    client.post(nexus.url + MESSAGES, json={**body, "max_tokens": 500})
+    assert fake.calls(CHAT)[-1].json["max_tokens"] == 500
+    chat = {"model": "small", "max_tokens": 32000, "messages": body["messages"]}
+    assert client.post(nexus.url + CHAT, json=chat).status_code == 200
+    assert fake.calls(CHAT)[-1].json["max_tokens"] == 32000

@@ -81,10 +81,13 @@ class Messages:
         original = parse_object(await read_body(scope, receive))
         request = inbound.chat_request(original)
         body = request.body
-        extras = Inbound(native=original, reasoning_effort=take_effort(body))
+        headers = keyed_headers(scope)
+        beta = headers.get("anthropic-beta")
+        if beta is not None and not (beta.isascii() and beta.isprintable() and len(beta) <= 1024):
+            beta = None  # not something to pass on
+        extras = Inbound(native=original, reasoning_effort=take_effort(body), anthropic_beta=beta)
         model = body["model"]
         dispatcher = gateway_of(scope).dispatcher
-        headers = keyed_headers(scope)
         request_id: str = scope[REQUEST_ID_KEY]
         dropped = dropped_header(request.dropped_tools)
         chat_raw = orjson.dumps(body)

@@ -147,7 +147,11 @@ class AnthropicAdapter(HTTPAdapter):
 
     def _call_headers(self, backend: Backend, call: Call) -> dict[str, str]:
         # Built from the backend's own key: call.headers may carry the client's Authorization.
-        return self.headers(backend, call.headers.get("X-Request-Id"))
+        headers = self.headers(backend, call.headers.get("X-Request-Id"))
+        beta = call.inbound.anthropic_beta if call.inbound is not None else None
+        if beta and call.native is not None:
+            headers["anthropic-beta"] = beta
+        return headers
 
 
 def native_payload(call: Call, *, stream: bool) -> bytes:

@@ -82,11 +82,15 @@ def test_an_anthropic_backend_gets_the_clients_own_request(keyed, start_fake, st
         "context_management": {"edits": []},
         "metadata": {"user_id": "u-1"},
     }
-    resp = client.post(nexus.url + MESSAGES, json=body)
+    beta = "context-management-2025-06-27,interleaved-thinking-2025-05-14"
+    resp = client.post(nexus.url + MESSAGES, json=body, headers={"anthropic-beta": beta})
     assert resp.status_code == 200, resp.text
     assert resp.json()["content"][0]["text"] == "from claude"
     (sent,) = claude.generations()
     assert sent.json == body  # as it came: never translated twice
+    # The features it uses need their beta header at Anthropic; the key is Nexus's own.
+    headers = {k.lower(): v for k, v in sent.headers.items()}
+    assert headers["anthropic-beta"] == beta and headers["x-api-key"] == "sk-test-agent-key"
 
     resp = client.post(nexus.url + MESSAGES, json={**body, "stream": True})
     assert resp.status_code == 200, resp.text

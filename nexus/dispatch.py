@@ -221,7 +221,7 @@ class Dispatcher:
         )
         return StreamResult(served, events, upstream.native)
 
-    async def count_tokens(self, body: JSONDict) -> int:
+    async def count_tokens(self, body: JSONDict, inbound: Inbound) -> int:
         """A Messages request's input tokens: Anthropic's own count when the model's first choice
         is an Anthropic backend, else (or if that count fails) Nexus's estimate."""
         model = body.get("model")
@@ -234,7 +234,7 @@ class Dispatcher:
         adapter = self.adapters.for_type(step.backend.type) if step is not None else None
         if step is not None and isinstance(adapter, AnthropicAdapter):
             try:
-                return await adapter.count_tokens(step.backend, step.model, body)
+                return await adapter.count_tokens(step.backend, step.model, body, inbound)
             except UpstreamError as exc:
                 log.info("count_tokens: %s; answering with the estimate", exc)
         return anthropic_inbound.estimate_input_tokens(body)
@@ -391,7 +391,7 @@ class Dispatcher:
         except UpstreamError as exc:
             self._failed(step, exc, request_id, started=True)
             trace.error_type = "stream_broken"
-            yield native_error_event(exc) if upstream.native else error_event(exc)
+            yield native_error_event(exc, request_id) if upstream.native else error_event(exc)
         finally:
             self._release(step.backend)
             trace.upstream_ms = (self.clock() - started) * 1000
@@ -546,9 +546,9 @@ def _usage_of(event: bytes) -> object:
     return chunk.get("usage") if isinstance(chunk, dict) else None
 
 
-def native_error_event(exc: NexusError) -> bytes:
+def native_error_event(exc: NexusError, request_id: str) -> bytes:
     """A mid-stream failure in Anthropic's own stream: its ``error`` event."""
-    _, body = anthropic_inbound.error_body(exc.status_code, exc.message)
+    _, body = anthropic_inbound.error_body(exc.status_code, exc.message, request_id=request_id)
     return b"event: error\ndata: " + body + b"\n\n"
 
 

@@ -12,7 +12,7 @@ The client's key may come as ``x-api-key`` or ``Authorization: Bearer``; any
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import orjson
 from starlette.types import Receive, Scope, Send
@@ -30,6 +30,7 @@ PING = b'event: ping\ndata: {"type": "ping"}\n\n'
 PING_INTERVAL = 10.0  # seconds of silence after which a ping keeps the connection alive
 
 
+MAX_REASONS = 5  # backends whose exclusion an error message spells out
 MAX_DROPPED_HEADER = 1024  # characters of X-Nexus-Dropped-Tools; a longer list ends in "..."
 
 
@@ -41,6 +42,23 @@ def dropped_header(names: list[str]) -> list[tuple[bytes, bytes]]:
     if len(value) > MAX_DROPPED_HEADER:
         value = value[: MAX_DROPPED_HEADER - 3].rsplit(b", ", 1)[0] + b", ..."
     return [(b"x-nexus-dropped-tools", value)]
+
+
+def anthropic_extras(headers: dict[str, str], native: JSONDict, effort: str | None) -> Inbound:
+    """What an Anthropic backend is sent besides the client's own request: its beta features
+    and API version (plain printable values only; anything else is not passed on)."""
+
+    def passable(name: str) -> str | None:
+        value = headers.get(name)
+        ok = value is not None and value.isascii() and value.isprintable() and len(value) <= 1024
+        return value if ok else None
+
+    return Inbound(
+        native=native,
+        reasoning_effort=effort,
+        anthropic_beta=passable("anthropic-beta"),
+        anthropic_version=passable("anthropic-version"),
+    )
 
 
 def take_effort(body: JSONDict) -> str | None:
@@ -60,14 +78,35 @@ def keyed_headers(scope: Scope) -> dict[str, str]:
     return headers
 
 
-def render_error(exc: NexusError) -> tuple[int, bytes]:
-    """An error in Anthropic's envelope, with its status (529 for overloaded)."""
-    return inbound.error_body(exc.status_code, exc.message)
+def render_error(exc: NexusError, request_id: str | None = None) -> tuple[int, bytes]:
+    """An error in Anthropic's envelope, with its status (529 for overloaded). Why each backend
+    was left out goes into the message itself: Anthropic's clients show only the message."""
+    return inbound.error_body(exc.status_code, explained(exc), request_id=request_id)
 
 
-def stream_error(exc: NexusError) -> bytes:
-    _, body = inbound.error_body(exc.status_code, exc.message)
-    return b"event: error\ndata: " + body + b"\n\n"
+def explained(exc: NexusError) -> str:
+    context = getattr(exc, "context", None)
+    excluded = context.get("excluded") if isinstance(context, dict) else None
+    if not excluded:
+        return exc.message
+    reasons = [
+        f"{e['backend']}: {e['reason']} ({e['suggested_action']})"
+        for e in excluded[:MAX_REASONS]
+        if isinstance(e, dict) and {"backend", "reason", "suggested_action"} <= e.keys()
+    ]
+    more = f"; and {len(excluded) - MAX_REASONS} more" if len(excluded) > MAX_REASONS else ""
+    head = exc.message.removesuffix(" (see context)").rstrip(".")
+    return f"{head}. {'; '.join(reasons)}{more}"
+
+
+def stream_error(request_id: str) -> Callable[[NexusError], bytes]:
+    """The last event of a stream Nexus itself has to cut, in Anthropic's form."""
+
+    def event(exc: NexusError) -> bytes:
+        _, body = render_error(exc, request_id)
+        return b"event: error\ndata: " + body + b"\n\n"
+
+    return event
 
 
 class Messages:
@@ -82,10 +121,7 @@ class Messages:
         request = inbound.chat_request(original)
         body = request.body
         headers = keyed_headers(scope)
-        beta = headers.get("anthropic-beta")
-        if beta is not None and not (beta.isascii() and beta.isprintable() and len(beta) <= 1024):
-            beta = None  # not something to pass on
-        extras = Inbound(native=original, reasoning_effort=take_effort(body), anthropic_beta=beta)
+        extras = anthropic_extras(headers, original, take_effort(body))
         model = body["model"]
         dispatcher = gateway_of(scope).dispatcher
         request_id: str = scope[REQUEST_ID_KEY]
@@ -93,9 +129,7 @@ class Messages:
         chat_raw = orjson.dumps(body)
         async with DisconnectGuard(receive, send) as guard:
             if body.get("stream") is True:
-                result = await dispatcher.stream(
-                    body, chat_raw, headers, request_id, trace, extras
-                )
+                result = await dispatcher.stream(body, chat_raw, headers, request_id, trace, extras)
                 if result.native:  # an Anthropic backend's own events, as they came
                     events = with_pings(result.events, PING, PING_INTERVAL)
                 else:
@@ -103,14 +137,20 @@ class Messages:
                     stream = inbound.MessagesStream(model, estimate)
                     events = with_pings(translated(result, stream), PING, PING_INTERVAL)
                 await send_stream(
-                    guard.send, result, events, extra_headers=dropped, failure=stream_error
+                    guard.send,
+                    result,
+                    events,
+                    extra_headers=[] if result.native else dropped,
+                    failure=stream_error(request_id),
                 )
                 return
             completion, served = await dispatcher.complete(
                 "chat", body, chat_raw, headers, request_id, trace, extras
             )
             answer = completion.body
-            if not completion.native:
+            if completion.native:  # Anthropic ran the request as it came: nothing was dropped
+                dropped = []
+            else:
                 answer = orjson.dumps(inbound.message_response(orjson.loads(answer), model))
             await send_json(guard.send, 200, answer, [*served.headers(), *dropped])
 
@@ -143,5 +183,6 @@ class CountTokens:
         trace.api = "messages"
         trace.kind = "count_tokens"
         body = parse_object(await read_body(scope, receive))
-        count = await gateway_of(scope).dispatcher.count_tokens(body)
+        extras = anthropic_extras(keyed_headers(scope), body, None)
+        count = await gateway_of(scope).dispatcher.count_tokens(body, extras)
         await send_json(send, 200, orjson.dumps({"input_tokens": count}))

@@ -73,7 +73,7 @@ class GatewayMiddleware:
         refusal = self._refusal(scope, handler)
         if refusal is not None:
             log.debug("refused %s %s: %s", scope["method"], scope["path"], refusal.message)
-            status, body = render(refusal)
+            status, body = render(refusal, scope[REQUEST_ID_KEY])
             await send_json(send_with_id, status, body, _encode(refusal.all_headers()))
             return
         if handler is None:
@@ -97,7 +97,7 @@ class GatewayMiddleware:
                     await send_json(send_with_id, 503, ending.body())
         except NexusError as exc:
             trace.error_type = exc.error_type
-            status, body = render(exc)
+            status, body = render(exc, scope[REQUEST_ID_KEY])
             await send_json(send_with_id, status, body, _encode(exc.all_headers()))
         except Exception:  # a bug: say so in the log, answer with an envelope if still possible
             log.exception("unexpected error on POST %s", scope["path"])
@@ -132,8 +132,8 @@ class GatewayMiddleware:
         await self.app(scope, receive, send)
 
 
-def _openai_error(exc: NexusError) -> tuple[int, bytes]:
-    return exc.status_code, exc.body()
+def _openai_error(exc: NexusError, request_id: str) -> tuple[int, bytes]:
+    return exc.status_code, exc.body()  # the request id is in the X-Request-Id header
 
 
 def _request_id(scope: Scope) -> bytes:

@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..dialects import responses as dialect
 from ..dispatch import Inbound, StreamResult
-from ..errors import JSONDict, NexusError, NotFound
+from ..errors import JSONDict, NotFound
 from .disconnect import DisconnectGuard
 from .http import client_headers, parse_object, read_body, send_json
 from .messages import dropped_header, take_effort
@@ -111,7 +111,11 @@ class Responses:
                 saved = conversation if keep else None
                 events = self._translated(result, stream, response_id, saved)
                 await send_stream(
-                    guard.send, result, events, extra_headers=dropped, failure=stream_failure
+                    guard.send,
+                    result,
+                    events,
+                    extra_headers=dropped,
+                    failure=lambda exc: stream.fail(exc.envelope()["error"]),
                 )
                 return
             completion, served = await dispatcher.complete(
@@ -149,9 +153,3 @@ class Responses:
 
     def _remember(self, response_id: str, conversation: list[JSONDict], answer: Any) -> None:
         self.store.put(response_id, [*conversation, *dialect.output_items(answer)])
-
-
-def stream_failure(exc: NexusError) -> bytes:
-    """A Responses stream that Nexus must cut: its ``error`` event."""
-    error = {"type": "error", "code": exc.code, "message": exc.message, "param": exc.param}
-    return b"event: error\ndata: " + orjson.dumps({**error, "sequence_number": 0}) + b"\n\n"

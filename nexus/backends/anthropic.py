@@ -16,7 +16,16 @@ import orjson
 from ..dialects import anthropic as dialect
 from ..errors import UpstreamProtocolError, UpstreamStatusError, UpstreamUnavailable
 from ..registry import Backend, Model
-from .base import Call, Completion, HTTPAdapter, Probe, StartedStream, encode_request, parse_json
+from .base import (
+    Call,
+    Completion,
+    HTTPAdapter,
+    Inbound,
+    Probe,
+    StartedStream,
+    encode_request,
+    parse_json,
+)
 from .http1 import Response
 from .sse import DONE, SSEStream
 
@@ -116,13 +125,14 @@ class AnthropicAdapter(HTTPAdapter):
             body = orjson.dumps(message)
         return Completion(body, counted, native=True)
 
-    async def count_tokens(self, backend: Backend, model: str, body: dict[str, Any]) -> int:
-        """Anthropic's own count of a Messages request's input (free, not a generation)."""
-        wanted = ("messages", "system", "tools", "tool_choice", "thinking")
-        request = {"model": model, **{key: body[key] for key in wanted if key in body}}
-        answer = await self.post_json(
-            backend, "/v1/messages/count_tokens", encode_request(request), self.headers(backend)
-        )
+    async def count_tokens(
+        self, backend: Backend, model: str, body: dict[str, Any], inbound: Inbound
+    ) -> int:
+        """Anthropic's own count of the client's count_tokens request, sent as it came (free,
+        not a generation)."""
+        headers = client_headers(self.headers(backend), inbound)
+        request = encode_request({**body, "model": model})
+        answer = await self.post_json(backend, "/v1/messages/count_tokens", request, headers)
         data = parse_json(backend, answer)
         count = data.get("input_tokens") if isinstance(data, dict) else None
         if type(count) is not int or count < 0:
@@ -148,10 +158,18 @@ class AnthropicAdapter(HTTPAdapter):
     def _call_headers(self, backend: Backend, call: Call) -> dict[str, str]:
         # Built from the backend's own key: call.headers may carry the client's Authorization.
         headers = self.headers(backend, call.headers.get("X-Request-Id"))
-        beta = call.inbound.anthropic_beta if call.inbound is not None else None
-        if beta and call.native is not None:
-            headers["anthropic-beta"] = beta
+        if call.native is not None and call.inbound is not None:
+            client_headers(headers, call.inbound)
         return headers
+
+
+def client_headers(headers: dict[str, str], inbound: Inbound) -> dict[str, str]:
+    """The client's ``anthropic-beta`` and ``anthropic-version``, with its native request."""
+    if inbound.anthropic_beta:
+        headers["anthropic-beta"] = inbound.anthropic_beta
+    if inbound.anthropic_version:
+        headers["anthropic-version"] = inbound.anthropic_version
+    return headers
 
 
 def native_payload(call: Call, *, stream: bool) -> bytes:

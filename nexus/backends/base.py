@@ -62,9 +62,10 @@ class Inbound:
 
     native: JSONDict | None = None  # the client's own Anthropic Messages request
     reasoning_effort: str | None = None  # low | medium | high: only where the backend takes it
-    # The client's ``anthropic-beta`` header: the features its native request uses
-    # (``context_management``...) need it at Anthropic.
+    # The client's ``anthropic-beta`` and ``anthropic-version`` headers: its native request is
+    # written for them (``context_management`` needs its beta at Anthropic).
     anthropic_beta: str | None = None
+    anthropic_version: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -241,18 +241,20 @@ def _tool_choice(choice: Any, functions: list[JSONDict], dropped: list[str], out
         if not isinstance(name, str) or not name:
             _invalid("tool_choice.name", "a non-empty string is required")
         if all(f["function"]["name"] != name for f in functions):
-            why = "it is a server tool this backend cannot run" if name in dropped else "not found"
-            _invalid("tool_choice.name", f"no tool {name!r} in `tools` ({why})")
+            if name in dropped:
+                # A server tool: an Anthropic backend gets the request as it came and runs it;
+                # others answer without it (X-Nexus-Dropped-Tools names it).
+                return
+            _invalid("tool_choice.name", f"no tool {name!r} in `tools`")
         mapped = {"type": "function", "function": {"name": name}}
     else:
         _invalid("tool_choice.type", "must be 'auto', 'any', 'tool' or 'none'")
     if not functions:
-        if kind == "any":
-            left_out = f" (left out: {', '.join(dropped)})" if dropped else ""
-            _invalid(
-                "tool_choice", f"'any' needs a tool, and no tool this backend can run{left_out}"
-            )
-        return  # OpenAI refuses a tool_choice without tools; "auto"/"none" mean the same then
+        if kind == "any" and not dropped:
+            _invalid("tool_choice", "'any' needs a tool in `tools`")
+        # OpenAI refuses a tool_choice without tools; with only server tools (dropped), only an
+        # Anthropic backend, sent the request as it came, can honour the choice.
+        return
     out["tool_choice"] = mapped
     if parallel and kind != "none":
         out["parallel_tool_calls"] = False

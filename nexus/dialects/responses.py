@@ -619,7 +619,11 @@ def _echo_tools(request: JSONDict) -> list[Any]:
     tools = request.get("tools")
     if not isinstance(tools, list):
         return []
-    return [t for t in tools if isinstance(t, dict) and t.get("type") in ("function", "namespace")]
+    kinds = ("function", "namespace")
+    echoed = [t for t in tools if isinstance(t, dict) and t.get("type") in kinds]
+    # A function tool's ``strict`` is a required field of the Response's tools; OpenAI's
+    # default, when the request leaves it out, is true.
+    return [{"strict": True, **t} if t.get("type") == "function" else t for t in echoed]
 
 
 def _envelope(

@@ -25,7 +25,9 @@ KEY_VAR = "COST_TEST_OPENAI_KEY"
 # FakeOpenAI's answers use 5 prompt and 2 completion tokens: 5 * $1000/Mtok + 2 * $2000/Mtok.
 PRICING = [{"model_pattern": "mock-model", "input_per_mtok": 1000, "output_per_mtok": 2000}]
 ONE_CALL = 5 * 0.001 + 2 * 0.002  # $0.009
-MONTH = time.strftime("%Y-%m", time.gmtime())
+def this_month() -> str:
+    """The UTC month now (read when asserting: the suite may run across a month's end)."""
+    return time.strftime("%Y-%m", time.gmtime())
 
 
 def priced_settings(tmp_path: Path | None = None, **sections: Any) -> Any:
@@ -81,7 +83,7 @@ def test_stats_metrics_history_and_the_log_show_what_requests_cost(
     stats = client.get(nexus.url + "/v1/stats").json()
     assert stats["cost_usd"] == pytest.approx(2 * ONE_CALL)
     assert stats["budget"] == {
-        "month": MONTH,
+        "month": this_month(),
         "current_spending_usd": pytest.approx(2 * ONE_CALL),
         "reserved_usd": 0.0,
         "status": "SoftLimit",  # $0.018 of $0.02: past 75 %
@@ -99,7 +101,7 @@ def test_stats_metrics_history_and_the_log_show_what_requests_cost(
     assert models["local-model"]["cost_usd"] == 0.0
 
     table = run_ok("stats", "--url", nexus.url).stdout  # `nexus stats` says it too
-    assert f"Spend {MONTH}" in table and "$0.0180 of $0.02 (90.0%, SoftLimit)" in table
+    assert f"Spend {this_month()}" in table and "$0.0180 of $0.02 (90.0%, SoftLimit)" in table
 
     # /metrics: the cost counter from each priced request, the budget gauges from the ledger
     scrape = Scrape(client.get(nexus.url + "/metrics").text)
@@ -111,7 +113,7 @@ def test_stats_metrics_history_and_the_log_show_what_requests_cost(
     assert scrape.value("nexus_cost_per_request_usd_sum", model="mock-model") == (
         pytest.approx(2 * ONE_CALL)
     )
-    month = {"billing_month": MONTH}
+    month = {"billing_month": this_month()}
     assert scrape.value("nexus_budget_spending_usd", **month) == pytest.approx(2 * ONE_CALL)
     assert scrape.value("nexus_budget_utilization_percent", **month) == pytest.approx(90.0)
     assert scrape.value("nexus_budget_status", **month) == 1  # SoftLimit
@@ -139,13 +141,13 @@ def test_without_a_limit_the_budget_is_normal_and_has_no_limit_keys(fakes, start
     chat(client, nexus.url, "mock-model", "one")
     stats = client.get(nexus.url + "/v1/stats").json()
     assert stats["budget"] == {
-        "month": MONTH,
+        "month": this_month(),
         "current_spending_usd": pytest.approx(ONE_CALL),
         "reserved_usd": 0.0,
         "status": "Normal",
     }
     scrape = Scrape(client.get(nexus.url + "/metrics").text)
-    month = {"billing_month": MONTH}
+    month = {"billing_month": this_month()}
     assert scrape.value("nexus_budget_spending_usd", **month) == pytest.approx(ONE_CALL)
     assert scrape.value("nexus_budget_status", **month) == 0
     assert "nexus_budget_limit_usd" not in scrape.text  # no limit, no gauge for it

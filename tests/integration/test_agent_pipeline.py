@@ -83,7 +83,9 @@ def test_an_anthropic_backend_gets_the_clients_own_request(keyed, start_fake, st
         "metadata": {"user_id": "u-1"},
     }
     beta = "context-management-2025-06-27,interleaved-thinking-2025-05-14"
-    resp = client.post(nexus.url + MESSAGES, json=body, headers={"anthropic-beta": beta})
+    version = "2026-10-21"  # what anthropic SDK 2.14 sends: the request is written for it
+    client_headers = {"anthropic-beta": beta, "anthropic-version": version}
+    resp = client.post(nexus.url + MESSAGES, json=body, headers=client_headers)
     assert resp.status_code == 200, resp.text
     assert resp.json()["content"][0]["text"] == "from claude"
     (sent,) = claude.generations()
@@ -91,6 +93,7 @@ def test_an_anthropic_backend_gets_the_clients_own_request(keyed, start_fake, st
     # The features it uses need their beta header at Anthropic; the key is Nexus's own.
     headers = {k.lower(): v for k, v in sent.headers.items()}
     assert headers["anthropic-beta"] == beta and headers["x-api-key"] == "sk-test-agent-key"
+    assert headers["anthropic-version"] == version
 
     resp = client.post(nexus.url + MESSAGES, json={**body, "stream": True})
     assert resp.status_code == 200, resp.text

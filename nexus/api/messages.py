@@ -12,19 +12,19 @@ The client's key may come as ``x-api-key`` or ``Authorization: Bearer``; any
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import Callable
 
 import orjson
 from starlette.types import Receive, Scope, Send
 
 from ..dialects import anthropic_inbound as inbound
-from ..dispatch import Inbound, StreamResult
+from ..dispatch import Inbound
 from ..errors import JSONDict, NexusError
 from .disconnect import DisconnectGuard
 from .http import client_headers, parse_object, read_body, send_json
 from .middleware import REQUEST_ID_KEY, trace_of
 from .openai import gateway_of
-from .sse import send_stream, with_pings
+from .sse import send_stream, translated, with_pings
 
 PING = b'event: ping\ndata: {"type": "ping"}\n\n'
 PING_INTERVAL = 10.0  # seconds of silence after which a ping keeps the connection alive
@@ -135,7 +135,7 @@ class Messages:
                 else:
                     estimate = inbound.estimate_input_tokens(original)
                     stream = inbound.MessagesStream(model, estimate)
-                    events = with_pings(translated(result, stream), PING, PING_INTERVAL)
+                    events = with_pings(translated(result.events, stream), PING, PING_INTERVAL)
                 await send_stream(
                     guard.send,
                     result,
@@ -153,23 +153,6 @@ class Messages:
             else:
                 answer = orjson.dumps(inbound.message_response(orjson.loads(answer), model))
             await send_json(guard.send, 200, answer, [*served.headers(), *dropped])
-
-
-async def translated(
-    result: StreamResult, stream: inbound.MessagesStream
-) -> AsyncGenerator[bytes, None]:
-    """The relay's OpenAI events as Anthropic's; closing this closes the relay."""
-    events: AsyncIterator[bytes] = result.events
-    try:
-        async for item in events:
-            out = stream.feed(item)
-            if out:
-                yield out
-        tail = stream.finish()
-        if tail:
-            yield tail
-    finally:
-        await result.events.aclose()
 
 
 class CountTokens:

@@ -30,7 +30,7 @@ from .http import client_headers, parse_object, read_body, send_json
 from .messages import dropped_header, take_effort
 from .middleware import REQUEST_ID_KEY, trace_of
 from .openai import gateway_of
-from .sse import send_stream
+from .sse import send_stream, translated
 
 MAX_STORED = 1000  # responses kept for previous_response_id
 MAX_STORED_BYTES = 64 * 1024 * 1024  # and their conversations' size, together
@@ -135,18 +135,14 @@ class Responses:
         response_id: str,
         conversation: list[JSONDict] | None,
     ) -> AsyncGenerator[bytes, None]:
-        """The relay's OpenAI events as Responses events; closing this closes the relay."""
+        """The relay's OpenAI events as Responses events, the response kept once complete;
+        closing this closes the relay."""
+        events = translated(result.events, stream, stream.start())
         try:
-            yield stream.start()
-            async for item in result.events:
-                out = stream.feed(item)
-                if out:
-                    yield out
-            tail = stream.finish()
-            if tail:
-                yield tail
+            async for out in events:
+                yield out
         finally:
-            await result.events.aclose()
+            await events.aclose()  # now, not when collected: it frees the slot and upstream
         final = stream.final_response
         if conversation is not None and final is not None:
             self._remember(response_id, conversation, final)

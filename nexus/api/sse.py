@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Protocol
 
 from starlette.types import Send
 
@@ -75,6 +76,33 @@ async def send_stream(
             ending = failure(ServiceUnavailable(SHUTTING_DOWN))
             await send({"type": "http.response.body", "body": ending, "more_body": False})
         raise
+    finally:
+        await events.aclose()
+
+
+class Translator(Protocol):
+    """Another API's stream made from the relay's OpenAI events (``dialects``)."""
+
+    def feed(self, item: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+async def translated(
+    events: AsyncGenerator[bytes, None], translator: Translator, opening: bytes = b""
+) -> AsyncGenerator[bytes, None]:
+    """``events`` as another API's: ``opening`` first, then what each item becomes, then what
+    ends the stream. Closing this closes ``events`` (the relay: its slot, its upstream)."""
+    try:
+        if opening:
+            yield opening
+        async for item in events:
+            out = translator.feed(item)
+            if out:
+                yield out
+        tail = translator.finish()
+        if tail:
+            yield tail
     finally:
         await events.aclose()
 

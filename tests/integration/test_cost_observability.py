@@ -25,6 +25,8 @@ KEY_VAR = "COST_TEST_OPENAI_KEY"
 # FakeOpenAI's answers use 5 prompt and 2 completion tokens: 5 * $1000/Mtok + 2 * $2000/Mtok.
 PRICING = [{"model_pattern": "mock-model", "input_per_mtok": 1000, "output_per_mtok": 2000}]
 ONE_CALL = 5 * 0.001 + 2 * 0.002  # $0.009
+
+
 def this_month() -> str:
     """The UTC month now (read when asserting: the suite may run across a month's end)."""
     return time.strftime("%Y-%m", time.gmtime())

@@ -120,13 +120,20 @@ def _model_from_entry(
     guess = guess_model(entry["id"], backend_type)
     context = _context_length(entry, props)
     vision = guess.vision or bool((props.get("modalities") or {}).get("vision"))
+    # llama.cpp says whether the model's chat template takes tools; one that does not answers a
+    # request with tools as if there were none, so that "no" is the server's word, not a guess.
+    caps = props.get("chat_template_caps")
+    template_tools = caps.get("supports_tools") if isinstance(caps, dict) else None
+    told = isinstance(template_tools, bool)
+    tools = template_tools if isinstance(template_tools, bool) else guess.tools
     return Model(
         id=entry["id"],
         context_length=context if context is not None else guess.context_length,
         vision=vision,
-        tools=guess.tools,
+        tools=tools,
         json_mode=profile.json_mode or guess.json_mode,
         embeddings=guess.embeddings,
+        reported=told,
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from nexus.registry import Status
 from tests.cloud_fakes import FakeClaude
-from tests.fakes import FakeOpenAI
+from tests.fakes import FakeOpenAI, Reply
 from tests.harness import settings_for, wait_for
 
 KEY_VAR = "NEXUS_TEST_AGENT_KEY"
@@ -147,3 +147,52 @@ def test_an_agents_max_tokens_is_fitted_to_the_context(start_fake, start_nexus, 
     chat = {"model": "small", "max_tokens": 32000, "messages": body["messages"]}
     assert client.post(nexus.url + CHAT, json=chat).status_code == 200
     assert fake.calls(CHAT)[-1].json["max_tokens"] == 32000
+
+
+def template_props(supports_tools: bool) -> Reply:
+    caps = {"supports_tools": supports_tools, "supports_tool_calls": supports_tools}
+    return Reply(json={"default_generation_settings": {"n_ctx": 8192}, "chat_template_caps": caps})
+
+
+def test_a_template_without_tools_is_an_actionable_error_in_each_api(
+    start_fake, start_nexus, client
+):
+    """llama.cpp answers a request with tools as if it had none when the model's template takes
+    no tools: Nexus says so instead, in the API the client spoke (issue 11, point 6)."""
+    fake = FakeOpenAI(["small"])
+    fake.push("/props", template_props(False))
+    nexus = serve(start_nexus, backend("llama", start_fake(fake), "llamacpp"))
+    tool = {"name": "Bash", "input_schema": {"type": "object"}}
+    turn = [{"role": "user", "content": "list the files"}]
+    resp = client.post(
+        nexus.url + MESSAGES,
+        json={"model": "small", "max_tokens": 64, "messages": turn, "tools": [tool]},
+    )
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and "lacks tools" in error["message"]
+    resp = client.post(
+        nexus.url + "/v1/responses",
+        json={
+            "model": "small",
+            "input": "list the files",
+            "tools": [{"type": "function", "name": "ls", "parameters": {}}],
+        },
+    )
+    assert resp.status_code == 400 and "lacks tools" in resp.text, resp.text
+    assert fake.calls(CHAT) == []  # never sent where the tools would be ignored
+    # Without tools the same model serves.
+    plain = {"model": "small", "max_tokens": 64, "messages": turn}
+    assert client.post(nexus.url + MESSAGES, json=plain).status_code == 200
+
+
+def test_a_template_with_tools_serves_them(start_fake, start_nexus, client):
+    fake = FakeOpenAI(["small"])
+    fake.push("/props", template_props(True))
+    nexus = serve(start_nexus, backend("llama", start_fake(fake), "llamacpp"))
+    body = {
+        "model": "small",
+        "input": "hi",
+        "tools": [{"type": "function", "name": "ls", "parameters": {}}],
+    }
+    assert client.post(nexus.url + "/v1/responses", json=body).status_code == 200

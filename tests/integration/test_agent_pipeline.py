@@ -196,3 +196,48 @@ def test_a_template_with_tools_serves_them(start_fake, start_nexus, client):
         "tools": [{"type": "function", "name": "ls", "parameters": {}}],
     }
     assert client.post(nexus.url + "/v1/responses", json=body).status_code == 200
+
+
+def test_a_native_call_is_priced_and_counted_like_any_other(keyed, start_fake, start_nexus, client):
+    claude = start_fake(FakeClaude(["claude-x"]))
+    pricing = [{"model_pattern": "claude-*", "input_per_mtok": 1000, "output_per_mtok": 2000}]
+    spec = backend("claude", claude, "anthropic", api_key_env=KEY_VAR)
+    nexus = start_nexus(settings_for(backends=[spec], pricing=pricing))
+    record = nexus.gateway.registry.get("claude")
+    assert wait_for(lambda: record.status is Status.HEALTHY), record.last_error
+    body = {"model": "claude-x", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+    one_call = (3 * 1000 + 2 * 2000) / 1e6  # the fake's usage: 3 in, 2 out
+
+    resp = client.post(nexus.url + MESSAGES, json=body)
+    assert resp.status_code == 200, resp.text
+    assert float(resp.headers["x-nexus-cost-estimated"]) == pytest.approx(one_call)
+    resp = client.post(nexus.url + MESSAGES, json={**body, "stream": True})
+    assert resp.status_code == 200 and b"event: message_stop" in resp.content
+
+    def entries() -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = client.get(nexus.url + "/v1/history").json()["data"]
+        return rows
+
+    assert wait_for(lambda: len(entries()) == 2)
+    for entry in entries():
+        assert entry["api"] == "messages" and entry["backend"] == "claude"
+        assert (entry["prompt_tokens"], entry["completion_tokens"]) == (3, 2), entry
+        assert entry["cost_usd"] == pytest.approx(one_call), entry
+
+
+def test_privacy_holds_on_the_agent_apis(keyed, start_fake, start_nexus, client):
+    claude = start_fake(FakeClaude(["secret-model"]))
+    policies = [{"model_pattern": "secret-*", "privacy": "restricted"}]
+    spec = backend("claude", claude, "anthropic", api_key_env=KEY_VAR)
+    nexus = start_nexus(settings_for(backends=[spec], routing={"policies": policies}))
+    record = nexus.gateway.registry.get("claude")
+    assert wait_for(lambda: record.status is Status.HEALTHY), record.last_error
+    turn = [{"role": "user", "content": "hi"}]
+    resp = client.post(
+        nexus.url + MESSAGES, json={"model": "secret-model", "max_tokens": 8, "messages": turn}
+    )
+    assert resp.status_code == 529, resp.text  # nothing may serve it now: Anthropic's overloaded
+    assert "requires 'restricted'" in resp.json()["error"]["message"]  # why, and what to do
+    resp = client.post(nexus.url + "/v1/responses", json={"model": "secret-model", "input": "hi"})
+    assert resp.status_code == 503 and resp.json()["context"]["excluded"][0]["stage"] == "privacy"
+    assert claude.generations() == []

@@ -130,7 +130,12 @@ class Dispatcher:
         self.clock = clock
 
     def route_request(
-        self, kind: Kind, body: JSONDict, client: Mapping[str, str], size: int = 0
+        self,
+        kind: Kind,
+        body: JSONDict,
+        client: Mapping[str, str],
+        size: int = 0,
+        inbound: Inbound | None = None,
     ) -> RouteRequest:
         """What the router needs to know of a request: its model, needs and headers."""
         model = body["model"]
@@ -143,7 +148,9 @@ class Dispatcher:
         keys: tuple[int, ...] = ()
         if self.router.routing.affinity:
             keys = tuple(affinity_keys(model, body["messages"]))
-        return RouteRequest(model, chat_requirements(body, client, size), flexible, keys, body)
+        native = "anthropic" if inbound is not None and inbound.native is not None else None
+        needs = chat_requirements(body, client, size)
+        return RouteRequest(model, needs, flexible, keys, body, native)
 
     async def complete(
         self,
@@ -157,7 +164,7 @@ class Dispatcher:
     ) -> tuple[Completion, Served]:
         """A whole (non-streaming) answer from the first step of the plan that gives one.
         ``inbound``: what a request in another API carries beside its chat form."""
-        request = self.route_request(kind, body, client, len(raw))
+        request = self.route_request(kind, body, client, len(raw), inbound)
         trace = trace or Trace()
         trace.kind = kind
 
@@ -198,7 +205,7 @@ class Dispatcher:
     ) -> StreamResult:
         """Start a stream on the first step whose backend sends an event: that event is the
         commit point (the caller sends headers only then). The slot is held until the relay ends."""
-        request = self.route_request("chat", body, client, len(raw))
+        request = self.route_request("chat", body, client, len(raw), inbound)
         trace = trace or Trace()
 
         async def attempt(

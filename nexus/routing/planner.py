@@ -81,6 +81,9 @@ class RouteRequest:
     # The chat body, for backends that translate it (dialects' ``untranslatable``): read only
     # when such a backend is a candidate.
     body: dict[str, Any] | None = field(default=None, compare=False)
+    # The provider whose own API the client spoke ("anthropic"): its backends get the client's
+    # request as it came, so what its translation could not carry does not keep them out.
+    native: str | None = None
 
 
 @dataclass(slots=True)
@@ -295,7 +298,7 @@ class Router:
         for c in candidates:
             check = UNTRANSLATABLE.get(c.backend.type)
             body = ctx.request.body
-            if check is not None and body is not None:
+            if check is not None and body is not None and c.backend.type != ctx.request.native:
                 kind = c.backend.type
                 if kind not in untranslatable:
                     untranslatable[kind] = check(body)
@@ -306,7 +309,12 @@ class Router:
                     continue
             model = c.backend.models.get(c.model)
             rivals = [r for r in candidates if r.backend.zone == "restricted" or not ctx.restricted]
-            missing = [] if model is None else _missing(model, wanted, rivals)
+            own = wanted
+            if c.backend.type == ctx.request.native and "json_mode" in wanted:
+                # Its own API has structured output (Anthropic's output_config.format); only
+                # the translation from chat lacks it.
+                own = [name for name in wanted if name != "json_mode"]
+            missing = [] if model is None else _missing(model, own, rivals)
             context = model.context_length if model is not None else None
             if context is not None and needs.estimated_tokens > context:
                 missing.append(f"context_length ({needs.estimated_tokens} > {context} tokens)")

@@ -241,3 +241,29 @@ def test_privacy_holds_on_the_agent_apis(keyed, start_fake, start_nexus, client)
     resp = client.post(nexus.url + "/v1/responses", json={"model": "secret-model", "input": "hi"})
     assert resp.status_code == 503 and resp.json()["context"]["excluded"][0]["stage"] == "privacy"
     assert claude.generations() == []
+
+
+def test_what_only_the_translation_lacks_does_not_keep_anthropic_out(
+    keyed, start_fake, start_nexus, client
+):
+    """Structured output and documents are Anthropic's own features: a native request with them
+    goes to the Anthropic backend (the chat form of them is what Anthropic's translation lacks)."""
+    claude = start_fake(FakeClaude(["claude-x"]))
+    nexus = serve(start_nexus, backend("claude", claude, "anthropic", api_key_env=KEY_VAR))
+    pdf = {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQ="}
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    body = {
+        "model": "claude-x",
+        "max_tokens": 64,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "document", "source": pdf}, {"type": "text", "text": "sum"}],
+            }
+        ],
+        "output_config": {"format": {"type": "json_schema", "schema": schema}},
+    }
+    resp = client.post(nexus.url + MESSAGES, json=body)
+    assert resp.status_code == 200, resp.text
+    (sent,) = claude.generations()
+    assert sent.json == body

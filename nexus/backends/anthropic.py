@@ -271,7 +271,6 @@ class AnthropicStream(SSEStream):
     ) -> None:
         super().__init__(backend, resp, idle)
         self._translator = dialect.StreamTranslator(model, include_usage=include_usage)
-        self._include_usage = include_usage
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         translator = self._translator
@@ -299,9 +298,9 @@ class AnthropicStream(SSEStream):
             await self.aclose()
 
     def _keep_usage(self) -> None:
-        """The usage the translator did not send (the client asked for none), for dispatch."""
+        """The usage the translator knows, for dispatch (sent to the client only if it asked)."""
         usage = self._translator.usage
-        if usage is not None and not self._include_usage:
+        if usage is not None:
             self.keep_usage(usage)
 
     def _fail(self, envelope: dict[str, object]) -> None:

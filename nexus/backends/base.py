@@ -159,8 +159,8 @@ class StartedStream:
     first: bytes
     rest: AsyncIterator[bytes]
     stream: EventStream
-    # The stream's usage when the adapter read it without passing it on (the client did not
-    # ask for a usage chunk): set once the stream has ended. Dispatch reads it for the cost.
+    # The stream's usage as the adapter read it (whether or not the client gets a usage
+    # chunk too): set once the stream has ended. Dispatch reads it for the cost.
     usage: dict[str, Any] | None = None
     native: bool = False  # events in the client's own API (``Call.native`` was sent)
 
@@ -236,7 +236,7 @@ class HTTPAdapter:
                 await StartedStream(b"", rest, stream).aclose()
             raise
         started = StartedStream(first, rest, stream)
-        if isinstance(stream, SSEStream):  # usage it reads and does not pass on lands here
+        if isinstance(stream, SSEStream):  # the usage it reads lands here, for dispatch
             stream.bind(started)
         return started
 

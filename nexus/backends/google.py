@@ -207,7 +207,6 @@ class GeminiStream(SSEStream):
     ) -> None:
         super().__init__(backend, resp, idle_timeout)
         self._translator = StreamTranslator(model, include_usage=include_usage)
-        self._include_usage = include_usage
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         translator = self._translator
@@ -222,8 +221,8 @@ class GeminiStream(SSEStream):
                 name = self._backend.name
                 raise UpstreamProtocolError(name, f"Backend '{name}' sent an empty stream")
             rest = translator.close()
-            if translator.usage is not None and not self._include_usage:
-                self.keep_usage(translator.usage)  # not sent: the client asked for none
+            if translator.usage is not None:
+                self.keep_usage(translator.usage)
             for item in writes(rest):
                 yield item
         finally:

@@ -383,10 +383,10 @@ class OllamaStream(SSEStream):
         if data.get("done"):
             self._done = True
             events.append(self._event([_choice({}, _finish(data, self._tool_calls > 0))]))
+            usage = _usage(data)
+            self.keep_usage(usage)
             if self._include_usage:
-                events.append(self._event([], usage=_usage(data)))
-            else:
-                self.keep_usage(_usage(data))
+                events.append(self._event([], usage=usage))
             events.append(DONE)
         return events
 

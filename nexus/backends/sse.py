@@ -109,8 +109,8 @@ class SSEStream:
     the pool; an unfinished one closes it.
     """
 
-    # The stream's usage when it was read and not passed on (the client asked for no usage
-    # chunk), and the StartedStream that hands it to dispatch (bound once the first event is in).
+    # The stream's usage as it was read (whether or not the client also gets a usage chunk), and
+    # the StartedStream that hands it to dispatch (bound once the first event is in).
     usage: dict[str, Any] | None = None
     owner: StartedStream | None = None
 
@@ -130,7 +130,7 @@ class SSEStream:
         started.usage = self.usage
 
     def keep_usage(self, usage: dict[str, Any]) -> None:
-        """Record usage that the client does not receive, before the stream's last event."""
+        """Record the stream's usage for dispatch, before the stream's last event."""
         self.usage = usage
         if self.owner is not None:
             self.owner.usage = usage

@@ -9,7 +9,6 @@ the SDK's lenient parse of it. ``check()`` runs when the test ends.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +18,7 @@ import openai
 import orjson
 
 from . import anthropic_spec, openapi
+from .openai_answers import Body, Tee
 
 # A stream's last event, by API, when it ends well.
 _ANTHROPIC_LAST = "message_stop"
@@ -42,7 +42,7 @@ class Exchange:
 
     def body(self) -> bytes:
         """The body with any content-encoding undone, as the client saw it."""
-        stream = _Bytes(bytes(self.raw))
+        stream = Body(self.raw)
         return httpx2.Response(self.status, headers=self.headers, stream=stream).read()
 
     @property
@@ -171,28 +171,6 @@ def check_responses_events(events: list[tuple[str | None, Any]], *, complete: bo
     assert sum(kind in _RESPONSES_ENDINGS for kind in kinds) <= 1, kinds
 
 
-class _Bytes(httpx2.SyncByteStream):
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield self._data
-
-
-class _Tee(httpx2.SyncByteStream):
-    def __init__(self, inner: httpx2.SyncByteStream, sink: bytearray) -> None:
-        self._inner = inner
-        self._sink = sink
-
-    def __iter__(self) -> Iterator[bytes]:
-        for piece in self._inner:
-            self._sink.extend(piece)
-            yield piece
-
-    def close(self) -> None:
-        self._inner.close()
-
-
 class Recording(httpx2.BaseTransport):
     """A real HTTP transport that keeps every exchange."""
 
@@ -210,7 +188,7 @@ class Recording(httpx2.BaseTransport):
         return httpx2.Response(
             response.status_code,
             headers=response.headers,
-            stream=_Tee(stream, exchange.raw),
+            stream=Tee(stream, exchange.raw),
             extensions=response.extensions,
             request=request,
         )

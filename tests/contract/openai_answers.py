@@ -40,7 +40,7 @@ class Answer:
 
     def body(self) -> bytes:
         """The body with any content-encoding undone, as the client saw it."""
-        response = httpx2.Response(self.status, headers=self.headers, stream=_Bytes(self.raw))
+        response = httpx2.Response(self.status, headers=self.headers, stream=Body(self.raw))
         return response.read()
 
     def check(self) -> int:
@@ -69,7 +69,9 @@ class Answer:
         return len(events) - 1
 
 
-class _Bytes(httpx2.SyncByteStream):
+class Body(httpx2.SyncByteStream):
+    """Bytes kept earlier, read again as a response body."""
+
     def __init__(self, data: bytes | bytearray) -> None:
         self._data = bytes(data)
 
@@ -77,7 +79,7 @@ class _Bytes(httpx2.SyncByteStream):
         yield self._data
 
 
-class _Tee(httpx2.SyncByteStream):
+class Tee(httpx2.SyncByteStream):
     """The upstream body, passed on piece by piece and kept in ``sink``."""
 
     def __init__(self, inner: httpx2.SyncByteStream, sink: bytearray) -> None:
@@ -109,7 +111,7 @@ class Answers(httpx2.BaseTransport):
         return httpx2.Response(
             response.status_code,
             headers=response.headers,
-            stream=_Tee(stream, answer.raw),
+            stream=Tee(stream, answer.raw),
             extensions=response.extensions,
             request=request,
         )

@@ -239,6 +239,9 @@ class ManagedSettings(_Section):
     pooling: Literal["mean", "cls", "last", "none"] = "mean"
     port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0: a free loopback port
     startup_timeout_seconds: Annotated[float, Field(gt=0)] = 120
+    # A Jinja chat template for llama-server (--chat-template-file): a file's path, or the name of
+    # one shipped with Nexus ("chatml-tools": ChatML with function calling). Default: the model's.
+    chat_template: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     extra_args: list[str] = Field(default_factory=list)
 
     @property

@@ -61,6 +61,19 @@ def free_port() -> int:
         return port
 
 
+SHIPPED_TEMPLATES = Path(__file__).parent / "chat_templates"
+
+
+def chat_template_file(name: str) -> Path:
+    """A managed backend's ``chat_template``: one shipped with Nexus by name, else a file path."""
+    shipped = SHIPPED_TEMPLATES / f"{name}.jinja"
+    path = shipped if "/" not in name and shipped.is_file() else Path(name).expanduser()
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SHIPPED_TEMPLATES.glob("*.jinja")))
+        raise ManagedError(f"chat template '{name}' is neither a file nor one of: {known}")
+    return path
+
+
 def command(binary: str, settings: ManagedSettings, port: int) -> list[str]:
     args = [
         binary,
@@ -75,6 +88,8 @@ def command(binary: str, settings: ManagedSettings, port: int) -> list[str]:
         args += ["--threads", str(settings.threads)]
     if settings.embeddings:
         args += ["--embeddings", "--pooling", settings.pooling]
+    if settings.chat_template:
+        args += ["--chat-template-file", str(chat_template_file(settings.chat_template))]
     return args + list(settings.extra_args)
 
 
@@ -235,6 +250,11 @@ def embedded_default(enabled: bool) -> list[BackendSettings]:
     except ManagedError:
         return []
     managed = ManagedSettings(
-        model=str(model), alias=EMBEDDED_MODEL_NAME, slots=4, context=8192, threads=2
+        model=str(model),
+        alias=EMBEDDED_MODEL_NAME,
+        slots=4,
+        context=8192,
+        threads=2,
+        chat_template="chatml-tools",  # SmolLM2's own template drops tools: agents need them
     )
     return [BackendSettings(name="embedded", type="llamacpp", managed=managed)]

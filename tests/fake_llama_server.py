@@ -27,6 +27,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int)
     p.add_argument("--embeddings", action="store_true")
     p.add_argument("--pooling")
+    p.add_argument("--chat-template-file", type=Path)
     p.add_argument("--load-seconds", type=float, default=0.3)  # 503 on /health meanwhile
     args, _ = p.parse_known_args(argv)
     return args
@@ -45,11 +46,18 @@ def app(args: argparse.Namespace) -> web.Application:
         entry = {"id": name, "object": "model", "meta": {"n_ctx_train": 8192}}
         return web.json_response({"object": "list", "data": [entry]})
 
+    props_body: dict[str, object] = {
+        "default_generation_settings": {"n_ctx": args.ctx_size // args.parallel},
+        "total_slots": args.parallel,
+    }
+    if args.chat_template_file:  # as llama-server reads a template: does it render tool calls?
+        template = args.chat_template_file.read_text()
+        takes_tools = "<tool_call>" in template
+        props_body["chat_template"] = template
+        props_body["chat_template_caps"] = {"supports_tools": takes_tools}
+
     async def props(request: web.Request) -> web.Response:
-        settings = {"n_ctx": args.ctx_size // args.parallel}
-        return web.json_response(
-            {"default_generation_settings": settings, "total_slots": args.parallel}
-        )
+        return web.json_response(props_body)
 
     async def chat(request: web.Request) -> web.Response:
         body = await request.json()

@@ -135,4 +135,44 @@ def test_embedded_default_needs_both_binary_and_model(tmp_path, monkeypatch, fak
     (spec,) = embedded_default(True)
     assert spec.managed is not None and spec.managed.model_name == "smollm2-135m"
     assert spec.managed.slots == 4
+    # SmolLM2's own template drops tools, and agents always send them (issue 11).
+    assert spec.managed.chat_template == "chatml-tools"
     assert embedded_default(False) == []
+
+
+def test_the_shipped_tool_template_makes_tools_a_reported_capability(
+    start_nexus, client, fake_binary, model_file, tmp_path, monkeypatch
+):
+    """``chat_template = "chatml-tools"`` hands llama-server the template shipped with Nexus;
+    the server's /props then says the template takes tools, and /v1/models shows it."""
+    from nexus.managed import SHIPPED_TEMPLATES
+
+    monkeypatch.setenv("NEXUS_CACHE_DIR", str(tmp_path / "cache"))
+    backend = managed(fake_binary, model_file, alias="tiny", chat_template="chatml-tools")
+    nexus = start_nexus(settings_for(backends=[backend]))
+    (model,) = client.get(nexus.url + "/v1/models").json()["data"]
+    assert model["capabilities"]["tools"] is True
+    argv = Path(f"/proc/{server_of(nexus).pid}/cmdline").read_bytes().split(b"\0")
+    shipped = SHIPPED_TEMPLATES / "chatml-tools.jinja"
+    assert argv[argv.index(b"--chat-template-file") + 1] == str(shipped).encode()
+
+
+def test_a_chat_template_may_be_a_file_and_a_wrong_name_says_what_exists(
+    start_nexus, client, fake_binary, model_file, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("NEXUS_CACHE_DIR", str(tmp_path / "cache"))
+    own = tmp_path / "plain.jinja"
+    own.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    nexus = start_nexus(
+        settings_for(backends=[managed(fake_binary, model_file, chat_template=str(own))])
+    )
+    (model,) = client.get(nexus.url + "/v1/models").json()["data"]
+    assert model["capabilities"]["tools"] is False  # the server's word for a template without
+    nexus.stop()
+
+    wrong = managed(fake_binary, model_file, chat_template="chatml-tool")
+    nexus = start_nexus(settings_for(backends=[wrong]))
+    backend = nexus.gateway.registry.get("local")
+    assert backend.status is Status.UNHEALTHY
+    assert "chat template 'chatml-tool'" in (backend.last_error or "")
+    assert "chatml-tools" in (backend.last_error or "")  # what could have been meant

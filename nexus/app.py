@@ -13,9 +13,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from .api.admin import Health, History, Live, Metrics, Ready, Stats
+from .api.auth import Auth
 from .api.backends import AdminBackends, BackendList
 from .api.errors import HANDLERS
 from .api.guard import Guard
+from .api.keys import AdminKeys, Usage
 from .api.messages import CountTokens, Messages
 from .api.middleware import GatewayMiddleware
 from .api.openai import ChatCompletions, Embeddings, Models
@@ -31,6 +33,7 @@ from .dispatch import Dispatcher
 from .errors import NO_BACKENDS_HINT
 from .gateway import Gateway, backend_from
 from .health import HealthChecker
+from .keys.ring import KeyRing
 from .managed import ManagedError, ManagedServer, embedded_default
 from .queueing import RequestQueue
 from .registry import Backend, Registry, Status
@@ -47,6 +50,8 @@ def create_app(
     network = upstream_network(environ)
     specs = settings.backends or embedded_default(settings.embedded.enabled)
     registry = Registry(backend_from(spec, environ) for spec in specs)
+    # Keys can be managed (and are kept) with [auth] off; they are required only with it on.
+    keys = KeyRing(settings.auth.keys, flush_interval=settings.state.flush_interval_seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -71,6 +76,12 @@ def create_app(
             stack.push_async_callback(client.aclose)
             meter = await open_meter(settings, environ)
             stack.push_async_callback(meter.ledger.aclose)
+            if meter.ledger.store is not None:
+                await keys.attach(meter.ledger.store)
+                stack.push_async_callback(keys.aclose)
+            if settings.auth.enabled:
+                live = sum(1 for k in keys if k.revoked_at is None)
+                log.info("client keys required on the inference routes (%d keys)", live)
             adapters = Adapters(client, timeouts_of(settings))
             health = HealthChecker(registry, adapters, settings.health_check)
             queue = settings.queue
@@ -83,10 +94,13 @@ def create_app(
                 max_wait_seconds=queue.max_wait_seconds,
                 max_retries=settings.routing.max_retries,
                 meter=meter,
+                keys=keys,
             )
             # Capacity back through health (recovery, discovery, the admin API) wakes the queue.
             health.on_capacity = dispatcher.capacity_returned
-            app.state.gateway = Gateway(settings, registry, health, dispatcher, meter=meter)
+            app.state.gateway = Gateway(
+                settings, registry, health, dispatcher, meter=meter, keys=keys
+            )
             for backend in registry:
                 if backend.unavailable:
                     log.warning("backend %s is unusable: %s", backend.name, backend.unavailable)
@@ -143,11 +157,15 @@ def create_app(
         Route("/v1/history", History(), methods=["GET"]),
         Route("/v1/backends", BackendList(), methods=["GET"]),
         Route("/admin/backends", AdminBackends(), methods=["POST"]),
+        Route("/admin/keys", AdminKeys(), methods=["GET", "POST"]),
+        Route("/admin/keys/{name}", AdminKeys(), methods=["GET", "PATCH", "DELETE"]),
+        Route("/v1/usage", Usage(), methods=["GET"]),
         Route("/admin/backends/{name}", AdminBackends(), methods=["DELETE"]),
         *dashboard_routes(),
     ]
     starlette = Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=lifespan)
-    return GatewayMiddleware(starlette, hot_routes, Guard.of(settings.server))
+    auth = Auth(keys, set(hot_routes)) if settings.auth.enabled else None
+    return GatewayMiddleware(starlette, hot_routes, Guard.of(settings.server), auth)
 
 
 async def open_meter(settings: Settings, environ: Mapping[str, str] | None) -> CostMeter:

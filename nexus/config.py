@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -157,6 +158,67 @@ class StateSettings(_Section):
 
     path: str | None = None  # default: $XDG_STATE_HOME/nexus/state.db (~/.local/state/nexus)
     flush_interval_seconds: Annotated[float, Field(gt=0, le=1)] = 0.2
+
+
+KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+MAX_KEY_MODELS = 64
+
+
+def _check_key_name(value: str) -> str:
+    if not KEY_NAME.fullmatch(value):
+        raise ValueError("a key's name is 1-64 letters, digits, '.', '_' or '-'")
+    return value
+
+
+def _check_models(value: list[str]) -> list[str]:
+    if len(value) > MAX_KEY_MODELS or any(not 0 < len(m) <= 256 for m in value):
+        raise ValueError(f"models: at most {MAX_KEY_MODELS} globs of 1-256 characters")
+    return value
+
+
+KeyName = Annotated[str, AfterValidator(_check_key_name)]
+
+
+class KeyLimits(_Section):
+    """A client key's settings (ours): the same names in the admin API, ``[[auth.keys]]`` and
+    the CLI's flags. Unset means unlimited."""
+
+    owner: Annotated[str, Field(max_length=256)] | None = None
+    expires_at: AwareDatetime | None = None  # RFC 3339, with its offset
+    models: Annotated[list[str], AfterValidator(_check_models)] | None = None  # globs
+    max_zone: Literal["restricted", "open"] = "open"  # restricted: never an open-zone backend
+    rpm: Annotated[int, Field(ge=1, le=10_000_000)] | None = None  # requests per minute
+    tpm: Annotated[int, Field(ge=1, le=10_000_000_000)] | None = None  # tokens per minute
+    max_concurrent: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    monthly_budget_usd: Annotated[float, Field(gt=0, le=1e9)] | None = None
+
+    @field_validator("max_zone", mode="before")
+    @classmethod
+    def _lower_zone(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+class ConfiguredKey(KeyLimits):
+    """An ``[[auth.keys]]`` entry: a key declared by its hash (the secret stays out of the file)."""
+
+    name: KeyName
+    hash: Annotated[str, Field(pattern=KEY_HASH.pattern)]
+
+
+class AuthSettings(_Section):
+    """Client keys (ours). Off by default: a home lab keeps working unchanged."""
+
+    enabled: bool = False
+    keys: list[ConfiguredKey] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> AuthSettings:
+        names = [k.name for k in self.keys]
+        hashes = [k.hash for k in self.keys]
+        if len(set(names)) != len(names) or len(set(hashes)) != len(hashes):
+            raise ValueError("each [[auth.keys]] entry needs its own name and hash")
+        return self
 
 
 class RoutingSettings(_Section):
@@ -352,6 +414,7 @@ class Settings(_Section):
     history: HistorySettings = Field(default_factory=HistorySettings)
     pricing: list[PricingEntry] = Field(default_factory=list)
     state: StateSettings = Field(default_factory=StateSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     backends: list[BackendSettings] = Field(default_factory=list)
 
     def key_variables(self) -> set[str]:

@@ -40,15 +40,18 @@ from .errors import (
     JSONDict,
     NexusError,
     NoHealthyBackend,
+    QuotaSpent,
     Saturated,
     ServiceUnavailable,
     UpstreamConnectError,
     UpstreamError,
 )
 from .health import HealthChecker
+from .keys.ring import ClientKey, KeyRing
 from .queueing import QueueFull, RequestQueue
 from .redact import scrub_bytes
 from .registry import Backend, Registry
+from .routing.access import Access
 from .routing.affinity import affinity_keys
 from .routing.planner import Exclusion, Plan, Router, RouteRequest, Step
 from .routing.requirements import chat_requirements, embedding_requirements
@@ -96,6 +99,8 @@ class Charge:
     worst: float
     reservation: Reservation | None
     settled: bool = False
+    key: ClientKey | None = None  # the client key whose budget holds ``worst`` too
+    key_refused: bool = False  # the key's monthly budget could not hold it
 
 
 @dataclass(slots=True)
@@ -118,8 +123,10 @@ class Dispatcher:
         max_retries: int = 2,
         clock: Callable[[], float] = time.monotonic,
         meter: CostMeter | None = None,
+        keys: KeyRing | None = None,
     ) -> None:
         self.meter = meter
+        self.keys = keys
         self.registry = registry
         self.adapters = adapters
         self.health = health
@@ -136,6 +143,7 @@ class Dispatcher:
         client: Mapping[str, str],
         size: int = 0,
         inbound: Inbound | None = None,
+        access: ClientKey | None = None,
     ) -> RouteRequest:
         """What the router needs to know of a request: its model, needs and headers."""
         model = body["model"]
@@ -144,13 +152,14 @@ class Dispatcher:
             and client.get("x-nexus-flexible", "").strip().lower() == "true"
         )
         if kind == "embeddings":
-            return RouteRequest(model, embedding_requirements(body, size), flexible)
+            needs = embedding_requirements(body, size)
+            return RouteRequest(model, needs, flexible, access=access)
         keys: tuple[int, ...] = ()
         if self.router.routing.affinity:
             keys = tuple(affinity_keys(model, body["messages"]))
         native = "anthropic" if inbound is not None and inbound.native is not None else None
         needs = chat_requirements(body, client, size)
-        return RouteRequest(model, needs, flexible, keys, body, native)
+        return RouteRequest(model, needs, flexible, keys, body, native, access)
 
     async def complete(
         self,
@@ -164,8 +173,8 @@ class Dispatcher:
     ) -> tuple[Completion, Served]:
         """A whole (non-streaming) answer from the first step of the plan that gives one.
         ``inbound``: what a request in another API carries beside its chat form."""
-        request = self.route_request(kind, body, client, len(raw), inbound)
         trace = trace or Trace()
+        request = self.route_request(kind, body, client, len(raw), inbound, trace.client_key)
         trace.kind = kind
 
         async def attempt(
@@ -205,8 +214,8 @@ class Dispatcher:
     ) -> StreamResult:
         """Start a stream on the first step whose backend sends an event: that event is the
         commit point (the caller sends headers only then). The slot is held until the relay ends."""
-        request = self.route_request("chat", body, client, len(raw), inbound)
         trace = trace or Trace()
+        request = self.route_request("chat", body, client, len(raw), inbound, trace.client_key)
 
         async def attempt(
             adapter: Adapter, step: Step, call: Call, charge: Charge | None
@@ -307,7 +316,7 @@ class Dispatcher:
             for exclusion in plan.exclusions:
                 trace.exclusions[exclusion.stage] = trace.exclusions.get(exclusion.stage, 0) + 1
             last: UpstreamError | None = None
-            refused = False
+            refused = key_refused = False
             tries = 0
             for index, step in enumerate(plan.steps):
                 if tries > self.max_retries:
@@ -319,12 +328,13 @@ class Dispatcher:
                 if charge is not None and charge.reservation is None:
                     # The budget cannot hold its worst case: as if planned out (not a try).
                     refused = True
-                    plan.exclusions.append(budget_refusal(step, charge))
+                    key_refused = key_refused or charge.key_refused
+                    plan.exclusions.append(budget_refusal(step, charge, request.access))
                     continue
                 tries += 1
                 trace.attempts = tries
                 trace.backend = step.backend.name  # a failure is counted against who failed
-                headers = upstream_headers(step, client, request_id)
+                headers = upstream_headers(step, client, request_id, request.access is not None)
                 estimate = request.requirements.estimated_tokens
                 call = Call(body, raw, step.model, headers, estimate, inbound)
                 step.backend.in_flight += 1
@@ -353,6 +363,13 @@ class Dispatcher:
                 return result, served
             if last is not None and plan.exclusions:
                 last.context = plan.context(self.registry, [])
+            key = request.access
+            if last is None and key_refused and key is not None and self.keys is not None:
+                raise QuotaSpent(
+                    f"The key '{key.name}' has spent its monthly_budget_usd; it may be used "
+                    "again next month (UTC), or with a higher budget",
+                    self.keys.retry_at_month_end(),
+                )
             if last is None and refused:
                 message = f"The monthly budget cannot hold another request for '{plan.requested}'"
                 raise NoHealthyBackend(plan.requested, plan.context(self.registry, []), message)
@@ -424,13 +441,21 @@ class Dispatcher:
             price, backend, step.model, needs.prompt_bound, needs.max_tokens, needs.embeddings
         )
         reservation = meter.ledger.reserve(worst, cloud=backend.zone == "open")
-        return Charge(price, worst, reservation)
+        key = request.access if isinstance(request.access, ClientKey) else None
+        if key is None or reservation is None or key.limits.monthly_budget_usd is None:
+            return Charge(price, worst, reservation)
+        if not key.reserve(worst):
+            meter.ledger.release(reservation)
+            return Charge(price, worst, None, key_refused=True)
+        return Charge(price, worst, reservation, key=key)
 
     def _release_charge(self, charge: Charge | None) -> None:
         if charge is not None and not charge.settled:
             charge.settled = True
             assert self.meter is not None
             self.meter.ledger.release(charge.reservation)
+            if charge.key is not None:
+                charge.key.release(charge.worst)
 
     def _settle(
         self,
@@ -462,6 +487,9 @@ class Dispatcher:
         meter.ledger.settle(
             charge.reservation, cost, step.backend.name, step.model, prompt, completion
         )
+        key = request.access
+        if isinstance(key, ClientKey) and self.keys is not None:
+            self.keys.charge(key, charge.worst if charge.key is not None else 0.0, cost)
         trace.cost_usd = cost if trace.cost_usd is None else trace.cost_usd + cost
 
     def _tell_budget(self, exc: NexusError) -> None:
@@ -518,9 +546,14 @@ BUSY = "Every backend that can serve this model is at capacity"
 QUEUE_TIMEOUT = ", and none came free while the request waited in the queue"
 
 
-def budget_refusal(step: Step, charge: Charge) -> Exclusion:
-    why = f"the monthly budget cannot hold this call's worst-case cost (${charge.worst:.6f})"
-    action = "set a lower max_tokens, raise [routing.budget] monthly_limit_usd, or wait"
+def budget_refusal(step: Step, charge: Charge, key: Access | None = None) -> Exclusion:
+    if charge.key_refused and key is not None:
+        why = f"the key '{key.name}' has not enough of its monthly_budget_usd left for this "
+        why += f"call's worst-case cost (${charge.worst:.6f})"
+        action = "set a lower max_tokens, raise the key's monthly_budget_usd, or wait"
+    else:
+        why = f"the monthly budget cannot hold this call's worst-case cost (${charge.worst:.6f})"
+        action = "set a lower max_tokens, raise [routing.budget] monthly_limit_usd, or wait"
     return Exclusion(step.backend.name, step.model, "budget", why, action)
 
 
@@ -531,15 +564,17 @@ def waits_for(plan: Plan) -> list[str]:
     return names
 
 
-def upstream_headers(step: Step, client: Mapping[str, str], request_id: str) -> dict[str, str]:
+def upstream_headers(
+    step: Step, client: Mapping[str, str], request_id: str, keyed: bool = False
+) -> dict[str, str]:
     """Content type, the request id, and auth: a configured key always wins over the client's,
     and the client's own goes only to a backend the user added (never to one found on the
-    network by mDNS or a port probe)."""
+    network by mDNS or a port probe), and never when it is the client's Nexus key (``keyed``)."""
     headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
     backend = step.backend
     if backend.api_key:
         headers["Authorization"] = f"Bearer {backend.api_key}"
-    elif "authorization" in client and backend.user_configured:
+    elif "authorization" in client and backend.user_configured and not keyed:
         headers["Authorization"] = client["authorization"]
     return headers
 

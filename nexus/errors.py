@@ -9,11 +9,14 @@
       NotFound                         404     invalid_request_error   not_found
         ModelNotFound                  404     invalid_request_error   model_not_found
       MethodNotAllowed                 405     invalid_request_error   method_not_allowed
+      Conflict                         409     invalid_request_error   conflict
       RequestTimeout                   408     invalid_request_error   request_timeout
       PayloadTooLarge                  413     invalid_request_error   payload_too_large
       UnsupportedMediaType             415     invalid_request_error   unsupported_media_type
       MisdirectedRequest               421     invalid_request_error   invalid_host
       HeadTooLarge                     431     invalid_request_error   header_too_large
+      RateLimited                      429     rate_limit_error        rate_limit_exceeded +retry
+        QuotaSpent                     429     insufficient_quota      insufficient_quota +retry
       ServiceUnavailable               503     service_unavailable     service_unavailable
         TooManyConnections             503     service_unavailable     too_many_connections +retry
         NoHealthyBackend               503     service_unavailable     service_unavailable +context
@@ -146,6 +149,34 @@ class MethodNotAllowed(NexusError):
 
     def headers(self) -> dict[str, str]:
         return {"Allow": self.allow} if self.allow else {}
+
+
+class Conflict(NexusError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class RateLimited(NexusError):
+    """A client key's limit (requests or tokens per minute, calls in flight) is reached."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class QuotaSpent(RateLimited):
+    """A client key's monthly budget cannot hold the request (until the month ends)."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
 
 
 class RequestTimeout(NexusError):

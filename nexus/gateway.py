@@ -12,6 +12,7 @@ from .cost.ledger import STATUS_LEVEL
 from .cost.meter import CostMeter
 from .dispatch import Dispatcher
 from .health import HealthChecker
+from .keys.ring import KeyRing
 from .managed import ManagedServer
 from .registry import Backend, Registry, Status
 from .telemetry.history import History
@@ -28,6 +29,7 @@ class Gateway:
     dispatcher: Dispatcher
     managed: list[ManagedServer] = field(default_factory=list)
     meter: CostMeter | None = None
+    keys: KeyRing | None = None  # client keys, when [auth] is on
     telemetry: Telemetry = field(init=False)
     metrics: Metrics = field(init=False)
     stats: Stats = field(init=False)

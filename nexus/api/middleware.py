@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from starlette.applications import Starlette
 from starlette.datastructures import State
@@ -25,7 +25,9 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import InternalError, MethodNotAllowed, NexusError, ServiceUnavailable
+from ..keys.ring import ClientKey
 from ..telemetry.outcomes import Outcome, Trace, outcome_of
+from .auth import KEY_SCOPE, Auth
 from .guard import Guard
 from .http import ClientGone, send_json
 
@@ -38,11 +40,16 @@ _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 class GatewayMiddleware:
     def __init__(
-        self, app: Starlette, hot_routes: Mapping[str, ASGIApp], guard: Guard | None = None
+        self,
+        app: Starlette,
+        hot_routes: Mapping[str, ASGIApp],
+        guard: Guard | None = None,
+        auth: Auth | None = None,
     ) -> None:
         self.app = app
         self.hot_routes = dict(hot_routes)  # path -> handler, for POST
         self.guard = guard  # None only where this layer is tested alone
+        self.auth = auth  # None unless [auth] enabled
 
     @property
     def state(self) -> State:
@@ -60,10 +67,14 @@ class GatewayMiddleware:
         scope[REQUEST_ID_KEY] = request_id.decode()
 
         start: list[Message] = []
+        key: ClientKey | None = None
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+                headers = [*message.get("headers", ()), (b"x-request-id", request_id)]
+                if key is not None and self.auth is not None:
+                    headers.extend(key.window.headers(self.auth.ring.clock()))
+                message["headers"] = headers
                 start.append(message)
             await send(message)
 
@@ -71,16 +82,35 @@ class GatewayMiddleware:
         # Another API's handler (Anthropic Messages) renders errors in that API's envelope.
         render = getattr(handler, "render_error", None) or _openai_error
         refusal = self._refusal(scope, handler)
+        auth = self.auth
+        if refusal is None and auth is not None and scope["path"] in auth.paths:
+            refusal, key = _keyed(auth, scope)
         if refusal is not None:
             log.debug("refused %s %s: %s", scope["method"], scope["path"], refusal.message)
             status, body = render(refusal, scope[REQUEST_ID_KEY])
             await send_json(send_with_id, status, body, _encode(refusal.all_headers()))
             return
         if handler is None:
+            scope[KEY_SCOPE] = key
             await self.app(scope, receive, send_with_id)
             return
+        await self._serve(handler, scope, receive, send_with_id, start, render, key)
+
+    async def _serve(
+        self,
+        handler: ASGIApp,
+        scope: Scope,
+        receive: Receive,
+        send_with_id: Send,
+        start: list[Message],
+        render: Render,
+        key: ClientKey | None,
+    ) -> None:
+        """Run an inference handler; its errors in its envelope; its outcome recorded."""
+        auth = self.auth
         began = time.perf_counter()
         trace = scope[TRACE_KEY] = Trace()
+        trace.client_key = key
         scope["app"] = self.app  # handlers reach the gateway through it, as under Starlette
         try:
             await handler(scope, receive, send_with_id)
@@ -105,6 +135,10 @@ class GatewayMiddleware:
             if not start:
                 error = InternalError("Internal error in Nexus; the log has the details")
                 await send_json(send_with_id, 500, error.body())
+        finally:
+            if key is not None and auth is not None:
+                tokens = (trace.prompt_tokens or 0), (trace.completion_tokens or 0)
+                auth.ring.record(key, *tokens)
         seconds = time.perf_counter() - began
         status = start[0]["status"] if start else 499
         outcome = outcome_of(trace, scope[REQUEST_ID_KEY], status, seconds * 1000)
@@ -130,6 +164,20 @@ class GatewayMiddleware:
                 await _refuse_websocket(scope, receive, send, refusal)
                 return
         await self.app(scope, receive, send)
+
+
+def _keyed(auth: Auth, scope: Scope) -> tuple[NexusError | None, ClientKey | None]:
+    """The request's key, admitted on an inference route; else why not (its headers in it)."""
+    try:
+        key = auth.identify(scope)
+        if scope["path"] in auth.inference:
+            auth.admit(key)
+    except NexusError as exc:
+        return exc, None
+    return None, key
+
+
+Render = Callable[[NexusError, str], tuple[int, bytes]]
 
 
 def _openai_error(exc: NexusError, request_id: str) -> tuple[int, bytes]:

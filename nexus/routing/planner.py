@@ -29,6 +29,7 @@ from ..errors import (
     ServiceUnavailable,
 )
 from ..registry import Backend, Registry
+from .access import Access, refuse
 from .affinity import AffinityTable
 from .aliases import alias_chain, resolve
 from .budget import HARD_LIMIT, NORMAL, BudgetView
@@ -84,6 +85,7 @@ class RouteRequest:
     # The provider whose own API the client spoke ("anthropic"): its backends get the client's
     # request as it came, so what its translation could not carry does not keep them out.
     native: str | None = None
+    access: Access | None = field(default=None, compare=False)  # the client key's reach
 
 
 @dataclass(slots=True)
@@ -153,6 +155,9 @@ class Router:
         routing = self.routing
         names = alias_chain(request.model, routing.aliases)
         resolved = names[-1]
+        access = request.access
+        if access is not None and not access.allows(resolved):
+            raise refuse(access, request.model, resolved)
         rule = self.policies.strictest(names)  # an alias cannot lift its target's policy
         plan = Plan(request.model, resolved, restricted=bool(rule and rule.restricted))
         plan.required_tier = rule.min_tier if rule else None
@@ -165,6 +170,8 @@ class Router:
         for name in fallbacks:
             chain = alias_chain(name, routing.aliases)
             target = chain[-1]
+            if access is not None and not access.allows(target):
+                continue  # the key may not use this fallback
             own = self.policies.strictest(chain)
             known = self._add(plan, request, target, target, now, own, rule) or known
         if plan.steps or plan.saturated:
@@ -204,7 +211,8 @@ class Router:
         backends = self.registry.backends_for(model)
         if not backends:
             return False
-        restricted = plan.restricted or bool(rule and rule.restricted)
+        keyed = request.access is not None and request.access.restricted
+        restricted = plan.restricted or bool(rule and rule.restricted) or keyed
         tier = max(
             filter(None, (plan.required_tier, rule.min_tier if rule else None)), default=None
         )
@@ -332,10 +340,19 @@ class Router:
         for c in candidates:
             if c.backend.zone == "restricted":
                 keep.append(c)
-            else:
+            elif (
+                ctx.plan.restricted
+                or ctx.request.access is None
+                or not ctx.request.access.restricted
+            ):
                 ctx.exclude(c, "privacy", f"zone '{c.backend.zone}' but the policy for "
                             f"'{ctx.plan.requested}' requires 'restricted'",
                             "serve this model from a restricted-zone (local) backend")  # fmt: skip
+            else:
+                ctx.exclude(c, "privacy", f"zone '{c.backend.zone}' but the key "
+                            f"'{ctx.request.access.name}' has max_zone 'restricted'",
+                            "use a key that may reach open-zone backends, or serve this model "
+                            "from a restricted-zone (local) backend")  # fmt: skip
         return keep
 
     def _budget(self, candidates: list[Candidate], ctx: _StageContext) -> list[Candidate]:

@@ -42,6 +42,9 @@ class Trace:
     content: str | None = None
     cost_usd: float | None = None  # what the request cost, when its backend is priced
     last_usage: Any = None  # the backend's last usage object, for the cost
+    # The client's key (keys.ring.ClientKey) when [auth] is on: dispatch reads its reach and
+    # budget; only its name is recorded.
+    client_key: Any = None
 
     def usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
@@ -74,6 +77,7 @@ class Outcome:
     exclusions: dict[str, int]
     cost_usd: float | None = None
     api: str = "chat"
+    key: str | None = None  # the client key's name, when [auth] is on
 
     @property
     def ok(self) -> bool:
@@ -116,6 +120,7 @@ def outcome_of(
         exclusions=trace.exclusions,
         cost_usd=trace.cost_usd,
         api=trace.api,
+        key=trace.client_key.name if trace.client_key is not None else None,
     )
 
 

@@ -1,0 +1,340 @@
+"""The key set, in memory: who a request's key belongs to, that key's limits and usage.
+
+Every check on the request path is in memory: a dictionary lookup by hash, an expiry and
+revocation check, the rate window, and the key's budget. The store (the state database) is read
+at start and written off the request path: keys when the admin API changes them, usage in
+batches every ``flush_interval`` seconds. A key revoked through the admin API is refused from
+the next request on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import fnmatch
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from ..config import ConfiguredKey, KeyLimits
+from ..cost.ledger import month_of, next_month_start
+from ..state.store import KeyUsage, StateStore, StoredKey
+from .tokens import MAX_KEY_LENGTH, hash_of, new_secret, prefix_of, same
+from .window import RateWindow
+
+log = logging.getLogger("nexus.keys")
+SETTINGS = tuple(KeyLimits.model_fields)  # owner, expires_at, models, max_zone, rpm, ...
+
+
+@dataclass(slots=True)
+class Usage:
+    """A key's month to date."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "cost_usd": round(self.cost_usd, 8),
+        }
+
+
+@dataclass(slots=True)
+class ClientKey:
+    name: str
+    hash: str
+    prefix: str
+    limits: KeyLimits
+    source: str  # "config" (declared by hash) or "api" (created through the admin API)
+    created_at: float
+    revoked_at: float | None = None
+    usage: Usage = field(default_factory=Usage)
+    reserved_usd: float = 0.0  # worst cases held by priced calls in flight
+    window: RateWindow = field(init=False)
+    expires: float = field(init=False)
+    restricted: bool = field(init=False)
+    _models: re.Pattern[str] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.configure(self.limits)
+
+    def configure(self, limits: KeyLimits) -> None:
+        old = getattr(self, "window", None)
+        self.limits = limits
+        self.window = RateWindow(limits.rpm, limits.tpm, limits.max_concurrent)
+        if old is not None:  # new limits, same history: a PATCH does not reset the minute
+            self.window.in_flight = old.in_flight
+            self.window._times = old._times
+            self.window._buckets = old._buckets
+            self.window._tokens = old._tokens
+        self.expires = limits.expires_at.timestamp() if limits.expires_at else float("inf")
+        self.restricted = limits.max_zone == "restricted"
+        models = limits.models
+        self._models = (
+            None
+            if models is None
+            else re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in models) or "(?!)")
+        )
+
+    # --- what the router asks (routing.access.Access) ---------------------------------
+    def allows(self, model: str) -> bool:
+        return self._models is None or self._models.match(model) is not None
+
+    def allowed(self) -> list[str]:
+        return list(self.limits.models or ["*"])
+
+    # --- the key's own budget --------------------------------------------------------------
+    def reserve(self, worst: float) -> bool:
+        limit = self.limits.monthly_budget_usd
+        if limit is not None and self.usage.cost_usd + self.reserved_usd + worst > limit:
+            return False
+        self.reserved_usd += worst
+        return True
+
+    def release(self, worst: float) -> None:
+        self.reserved_usd = max(0.0, self.reserved_usd - worst)
+
+    def view(self) -> dict[str, Any]:
+        """What the admin API and the CLI show: the settings, never the secret."""
+        limits = self.limits.model_dump(mode="json")
+        return {
+            "name": self.name,
+            **limits,
+            "prefix": self.prefix,
+            "source": self.source,
+            "created_at": _rfc3339(self.created_at),
+            "revoked_at": None if self.revoked_at is None else _rfc3339(self.revoked_at),
+        }
+
+    def stored(self) -> StoredKey:
+        settings = orjson.dumps(self.limits.model_dump(mode="json", exclude_defaults=True))
+        return StoredKey(
+            self.name, self.hash, self.prefix, settings.decode(), self.created_at, self.revoked_at
+        )
+
+
+class KeyRing:
+    def __init__(
+        self,
+        configured: list[ConfiguredKey],
+        *,
+        flush_interval: float = 0.2,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.clock = clock
+        self.flush_interval = flush_interval
+        self._by_name: dict[str, ClientKey] = {}
+        self._by_hash: dict[str, ClientKey] = {}
+        now = clock()
+        for entry in configured:
+            limits = KeyLimits.model_validate(entry.model_dump(include=set(SETTINGS)))
+            self._add(ClientKey(entry.name, entry.hash, "", limits, "config", now))
+        self.month = month_of(now)
+        self._next_month = next_month_start(now)
+        self.store: StateStore | None = None
+        self._pending: dict[str, Usage] = {}
+        self._pending_month = self.month
+        self._timer: asyncio.TimerHandle | None = None
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._writes: set[asyncio.Future[None]] = set()
+
+    def __iter__(self) -> Iterator[ClientKey]:
+        return iter(self._by_name.values())
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def get(self, name: str) -> ClientKey | None:
+        return self._by_name.get(name)
+
+    def names(self) -> set[str]:
+        return set(self._by_name)
+
+    # --- the request path -----------------------------------------------------------------
+    def find(self, secret: str) -> ClientKey | None:
+        """The live key ``secret`` is: known, not revoked, not expired."""
+        if not secret or len(secret) > MAX_KEY_LENGTH:
+            return None
+        digest = hash_of(secret)
+        key = self._by_hash.get(digest)
+        if key is None or not same(key.hash, digest):
+            return None
+        if key.revoked_at is not None or self.clock() >= key.expires:
+            return None
+        return key
+
+    def by_hash(self, digest: str) -> ClientKey | None:
+        """The key with this hash, live or not (to say why a request's key is refused)."""
+        return self._by_hash.get(digest)
+
+    def record(self, key: ClientKey, prompt: int, completion: int) -> None:
+        """A request of ``key`` ended: its usage, in memory now and in the store soon."""
+        now = self.clock()
+        self._roll(now)
+        key.window.done(now, prompt + completion)
+        for usage in (key.usage, self._pending.setdefault(key.name, Usage())):
+            usage.requests += 1
+            usage.prompt_tokens += prompt
+            usage.completion_tokens += completion
+        self._schedule()
+
+    def charge(self, key: ClientKey, worst: float, cost: float) -> None:
+        """A priced call of ``key`` settled: ``cost`` replaces the ``worst`` case it held."""
+        self._roll(self.clock())
+        key.release(worst)
+        key.usage.cost_usd += cost
+        self._pending.setdefault(key.name, Usage()).cost_usd += cost
+        self._schedule()
+
+    def retry_at_month_end(self) -> float:
+        return max(1.0, self._next_month - self.clock())
+
+    def _roll(self, now: float) -> None:
+        if now < self._next_month:
+            return
+        self._flush()  # last month's pending usage, written under last month
+        self.month = month_of(now)
+        self._next_month = next_month_start(now)
+        self._pending_month = self.month
+        for key in self._by_name.values():
+            key.usage = Usage()
+
+    # --- managing keys (the admin API) ------------------------------------------------------
+    async def create(self, name: str, limits: KeyLimits) -> tuple[ClientKey, str]:
+        existing = self._by_name.get(name)
+        if existing is not None and existing.revoked_at is None:
+            raise KeyError(name)
+        if existing is not None and existing.source == "config":
+            raise PermissionError(name)
+        secret = new_secret()
+        key = ClientKey(name, hash_of(secret), prefix_of(secret), limits, "api", self.clock())
+        await self._save(key)
+        if existing is not None:
+            self._remove(existing)
+        self._add(key)
+        log.info("key %s created (%s...)", name, key.prefix)
+        return key, secret
+
+    async def update(self, key: ClientKey, limits: KeyLimits) -> None:
+        old = key.limits
+        key.configure(limits)
+        try:
+            await self._save(key)
+        except BaseException:
+            key.configure(old)
+            raise
+        log.info("key %s updated", key.name)
+
+    async def revoke(self, key: ClientKey) -> None:
+        key.revoked_at = self.clock()  # refused from now on, whatever the store does
+        await self._save(key)
+        log.info("key %s revoked", key.name)
+
+    # --- the store ------------------------------------------------------------------------------
+    async def attach(self, store: StateStore) -> None:
+        """Read the keys made through the admin API and the month's usage back."""
+        writer = concurrent.futures.ThreadPoolExecutor(1, "nexus-keys")
+        self.store, self._writer = store, writer
+        loop = asyncio.get_running_loop()
+        rows = await loop.run_in_executor(writer, store.keys)
+        for row in rows:
+            if row.name in self._by_name or row.hash in self._by_hash:
+                log.warning("key %s in the state database is shadowed by [[auth.keys]]", row.name)
+                continue
+            try:
+                limits = KeyLimits.model_validate_json(row.settings)
+            except ValueError as exc:
+                log.error("key %s in the state database is unreadable, skipped: %s", row.name, exc)
+                continue
+            self._add(
+                ClientKey(
+                    row.name, row.hash, row.prefix, limits, "api", row.created_at, row.revoked_at
+                )  # fmt: skip
+            )
+        usage = await loop.run_in_executor(writer, store.key_usage, self.month)
+        for used in usage:
+            key = self._by_name.get(used.name)
+            if key is not None:
+                key.usage = Usage(
+                    used.requests, used.prompt_tokens, used.completion_tokens, used.cost_usd
+                )
+
+    async def _save(self, key: ClientKey) -> None:
+        if self.store is None or self._writer is None:
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, self.store.put_key, key.stored())
+
+    def _schedule(self) -> None:
+        if self._timer is None and self.store is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.flush_interval, self._flush)
+
+    def _flush(self) -> None:
+        self._timer = None
+        if not self._pending or self.store is None or self._writer is None:
+            return
+        month, pending = self._pending_month, self._pending
+        self._pending = {}
+        rows = [
+            KeyUsage(month, name, u.requests, u.prompt_tokens, u.completion_tokens, u.cost_usd)
+            for name, u in pending.items()
+        ]
+        future = asyncio.get_running_loop().run_in_executor(
+            self._writer, self.store.add_key_usage, rows
+        )
+        self._writes.add(future)
+        future.add_done_callback(lambda f: self._written(f, month, pending))
+
+    def _written(self, future: asyncio.Future[None], month: str, pending: dict[str, Usage]) -> None:
+        self._writes.discard(future)
+        exc = future.exception() if not future.cancelled() else None
+        if exc is None:
+            return
+        log.warning("key usage not written (%s); kept for the next write", exc)
+        if month == self._pending_month:
+            for name, usage in pending.items():
+                kept = self._pending.setdefault(name, Usage())
+                kept.requests += usage.requests
+                kept.prompt_tokens += usage.prompt_tokens
+                kept.completion_tokens += usage.completion_tokens
+                kept.cost_usd += usage.cost_usd
+            self._schedule()
+
+    async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._flush()
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        if self._pending:  # the last write failed: try once more
+            self._flush()
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        if self._pending:
+            log.error("key usage lost at shutdown: %d keys' last usage", len(self._pending))
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+
+    def _add(self, key: ClientKey) -> None:
+        self._by_name[key.name] = key
+        self._by_hash[key.hash] = key
+
+    def _remove(self, key: ClientKey) -> None:
+        self._by_name.pop(key.name, None)
+        self._by_hash.pop(key.hash, None)
+
+
+def _rfc3339(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -17,7 +17,7 @@ from .api.auth import Auth
 from .api.backends import AdminBackends, BackendList
 from .api.errors import HANDLERS
 from .api.guard import Guard
-from .api.keys import AdminKeys, Usage
+from .api.keys import AdminKeys, OwnUsage
 from .api.messages import CountTokens, Messages
 from .api.middleware import GatewayMiddleware
 from .api.openai import ChatCompletions, Embeddings, Models
@@ -159,7 +159,7 @@ def create_app(
         Route("/admin/backends", AdminBackends(), methods=["POST"]),
         Route("/admin/keys", AdminKeys(), methods=["GET", "POST"]),
         Route("/admin/keys/{name}", AdminKeys(), methods=["GET", "PATCH", "DELETE"]),
-        Route("/v1/usage", Usage(), methods=["GET"]),
+        Route("/v1/usage", OwnUsage(), methods=["GET"]),
         Route("/admin/backends/{name}", AdminBackends(), methods=["DELETE"]),
         *dashboard_routes(),
     ]

@@ -14,7 +14,7 @@ from typing import Any, ParamSpec, TypeVar, cast, get_args
 
 import click
 
-from . import __version__, cli_client
+from . import __version__, cli_client, cli_keys
 from .cli_client import CliError, NexusClient
 from .config import (
     DEFAULT_CONFIG_PATH,
@@ -342,3 +342,93 @@ def stats(url: str | None, config_path: str | None, as_json: bool) -> None:
     out = cli_client.console()
     for table in cli_client.stats_tables(answer):
         out.print(table)
+
+
+@main.group()
+def keys() -> None:
+    """Create, list, change or revoke the client keys of a running Nexus.
+
+    Setting flags are named as the settings are; give one `none` to clear it (`--rpm none`).
+    """
+
+
+@keys.command("create")
+@click.argument("name")
+@cli_keys.setting_options
+@click.option("--json", "as_json", is_flag=True, help="Print the server's JSON, the key in it.")
+@live
+def keys_create(
+    url: str | None, config_path: str | None, name: str, as_json: bool, **settings: Any
+) -> None:
+    """Create the key NAME and print its secret, which is shown this once only."""
+    body = {"name": name, **cli_keys.settings_body(**settings)}
+    made = connect(url, config_path).create_key(body)
+    if as_json:
+        cli_client.print_json(made)
+        return
+    click.echo(f"Created key '{made.get('name')}': {cli_keys.summary(made)}.")
+    click.echo(f"Key: {made.get('key')}")
+    click.echo(
+        "This key is shown once, now: store it. Nexus keeps only its hash; if it is lost, "
+        f"revoke it (nexus keys revoke {made.get('name')}) and create another."
+    )
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's JSON for each key.")
+@live
+def keys_list(url: str | None, config_path: str | None, as_json: bool) -> None:
+    """Show every key: prefix, owner, models, limits, this month's usage, expiry, revocation."""
+    client = connect(url, config_path)
+    answer = client.get("/admin/keys")
+    rows = [_with_usage(client, key) for key in answer.get("data", [])]
+    if as_json:
+        cli_client.print_json({**answer, "data": rows})
+        return
+    out = cli_client.console()
+    if not rows:
+        out.print("No keys. Create one with: nexus keys create NAME")
+        return
+    out.print(cli_keys.keys_table(rows))
+
+
+def _with_usage(client: NexusClient, key: dict[str, Any]) -> dict[str, Any]:
+    """The key as ``GET /admin/keys/{name}`` shows it (with its month to date); the listed view
+    if it went away in between."""
+    try:
+        return client.key(str(key.get("name", "")))
+    except CliError:
+        return key
+
+
+@keys.command("update")
+@click.argument("name")
+@cli_keys.setting_options
+@click.option("--json", "as_json", is_flag=True, help="Print the server's JSON.")
+@live
+def keys_update(
+    url: str | None, config_path: str | None, name: str, as_json: bool, **settings: Any
+) -> None:
+    """Change the settings given as flags on the key NAME; the others stay as they are."""
+    body = cli_keys.settings_body(**settings)
+    if not body:
+        flags = ", ".join(cli_keys.SETTING_FLAGS)
+        raise click.UsageError(f"nothing to change: give at least one of {flags}")
+    view = connect(url, config_path).update_key(name, body)
+    if as_json:
+        cli_client.print_json(view)
+        return
+    click.echo(f"Updated key '{view.get('name')}': {cli_keys.summary(view)}.")
+
+
+@keys.command("revoke")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's JSON.")
+@live
+def keys_revoke(url: str | None, config_path: str | None, name: str, as_json: bool) -> None:
+    """Revoke the key NAME: it is refused from its next request on. This cannot be undone."""
+    view = connect(url, config_path).revoke_key(name)
+    if as_json:
+        cli_client.print_json(view)
+        return
+    click.echo(f"Revoked key '{view.get('name')}': requests with it now get 401.")

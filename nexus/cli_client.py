@@ -1,5 +1,5 @@
-"""What the live-state commands (``nexus backends|models|health|stats``) need: a small HTTP client
-for a running Nexus, backend type detection, and the ``rich`` tables they print.
+"""What the live-state commands (``nexus backends|keys|models|health|stats``) need: a small HTTP
+client for a running Nexus, backend type detection, and the ``rich`` tables they print.
 
 The client is the standard library's ``urllib``: the CLI makes one or two plain JSON calls, so it
 needs no dependency beyond what the server already has. Every failure becomes a ``CliError`` whose
@@ -107,6 +107,18 @@ class NexusClient:
     def remove_backend(self, name: str) -> dict[str, Any]:
         return self.request("DELETE", "/admin/backends/" + quote(name, safe=""))
 
+    def create_key(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/admin/keys", dict(body))
+
+    def key(self, name: str) -> dict[str, Any]:
+        return self.request("GET", _key_path(name))
+
+    def update_key(self, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self.request("PATCH", _key_path(name), dict(body))
+
+    def revoke_key(self, name: str) -> dict[str, Any]:
+        return self.request("DELETE", _key_path(name))
+
     def request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         """The JSON object Nexus answered with; anything else is a ``CliError``."""
         url = self.base_url + path
@@ -155,6 +167,10 @@ class NexusClient:
             f"{self.base_url}{path} answered HTTP {status} for {method}; is this a Nexus? "
             "Use --url to point elsewhere."
         )
+
+
+def _key_path(name: str) -> str:
+    return "/admin/keys/" + quote(name, safe="")
 
 
 def describe(reason: object) -> str:

@@ -105,6 +105,11 @@ class Unauthorized(NexusError):
     type = "authentication_error"
     code = "invalid_api_key"
 
+    def headers(self) -> dict[str, str]:
+        # The same key will not work a second later: SDKs that honour this header (OpenAI's,
+        # Anthropic's, Claude Code, which retries a 401 otherwise) stop at once.
+        return {"x-should-retry": "false"}
+
 
 class Forbidden(NexusError):
     status = 403
@@ -177,6 +182,9 @@ class QuotaSpent(RateLimited):
 
     type = "insufficient_quota"
     code = "insufficient_quota"
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "x-should-retry": "false"}  # not before the month ends
 
 
 class RequestTimeout(NexusError):

@@ -8,15 +8,15 @@ from dataclasses import dataclass, field
 
 from .backends import SUPPORTED_TYPES
 from .config import BackendSettings, Settings
-from .cost.ledger import STATUS_LEVEL
+from .cost.ledger import STATUS_LEVEL, month_of
 from .cost.meter import CostMeter
 from .dispatch import Dispatcher
 from .health import HealthChecker
-from .keys.ring import KeyRing
+from .keys.ring import ClientKey, KeyRing, Usage
 from .managed import ManagedServer
 from .registry import Backend, Registry, Status
 from .telemetry.history import History
-from .telemetry.metrics import FleetView, Metrics, SpendView
+from .telemetry.metrics import FleetView, KeyView, Metrics, SpendView
 from .telemetry.outcomes import Telemetry
 from .telemetry.stats import Stats
 
@@ -36,13 +36,43 @@ class Gateway:
     history: History = field(init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(self.known_model, self.fleet, self.spend)
+        self.metrics = Metrics(
+            self.known_model, self.fleet, self.spend, known_key=self.known_key, keys=self.key_views
+        )
         self.stats = Stats(self.known_model)
         self.history = History(self.settings.history.max_entries)
         self.telemetry = Telemetry([self.metrics, self.stats, self.history])
 
     def known_model(self, model: str) -> bool:
         return bool(self.registry.backends_for(model)) or model in self.settings.routing.aliases
+
+    def known_key(self, name: str) -> bool:
+        """A name the key set holds: only those become ``key`` labels (admins make keys, clients
+        cannot), so the per-key series stay as bounded as the key set."""
+        return self.keys is not None and self.keys.get(name) is not None
+
+    def month_usage(self, key: ClientKey) -> Usage:
+        """``key``'s usage this UTC month (a month that has begun is started first)."""
+        if self.keys is not None:
+            self.keys.roll()
+        return key.usage
+
+    def key_views(self) -> list[KeyView]:
+        """Each key's month for the scrape-time gauges (none before the key set is loaded)."""
+        ring = self.keys
+        if ring is None:
+            return []
+        month = month_of(ring.clock())
+        return [
+            KeyView(
+                name=key.name,
+                month=month,
+                spent_usd=self.month_usage(key).cost_usd,
+                limit_usd=key.limits.monthly_budget_usd,
+                in_flight=key.window.in_flight,
+            )
+            for key in ring
+        ]
 
     def fleet(self) -> FleetView:
         backends = list(self.registry)

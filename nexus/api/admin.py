@@ -11,6 +11,7 @@ from starlette.types import Receive, Scope, Send
 from .. import __version__
 from ..errors import InvalidRequest, ServiceUnavailable
 from ..gateway import Gateway
+from ..keys.ring import KeyRing
 from ..telemetry.metrics import CONTENT_TYPE
 from ..telemetry.stats import Tally
 from .http import dumps, send_json
@@ -82,8 +83,8 @@ class Metrics:
 
 
 class Stats:
-    """``GET /v1/stats``: totals, per backend and per model, percentiles, in flight, queue, and
-    the month's spend (per backend, per model) and budget."""
+    """``GET /v1/stats``: totals, per backend and per model, percentiles, in flight, queue, the
+    month's spend (per backend, per model) and budget, and each client key's month."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 200, dumps(stats_of(gateway_of(scope))))
@@ -127,7 +128,45 @@ def stats_of(gateway: Gateway) -> dict[str, object]:
     if spend is not None:
         view["cost_usd"] = spend.budget["current_spending_usd"]
         view["budget"] = spend.budget
+    if gateway.keys is not None:
+        view["keys"] = key_rows(gateway, gateway.keys)
     return view
+
+
+def key_rows(gateway: Gateway, ring: KeyRing) -> list[dict[str, object]]:
+    """Each client key's month to date (kept across restarts by the key set), its calls in flight
+    and its limits. A key is shown by name and prefix only: never the secret, and not its owner
+    either (``/v1/stats`` and the dashboard are open to whoever reaches the port; the admin API,
+    which shows owners, is not). Revoked keys keep their row: their month still counts."""
+    now = ring.clock()
+    rows: list[dict[str, object]] = []
+    for key in sorted(ring, key=lambda k: k.name):
+        limits = key.limits
+        usage = gateway.month_usage(key)
+        if key.revoked_at is not None:
+            status = "revoked"
+        elif now >= key.expires:
+            status = "expired"
+        else:
+            status = "active"
+        rows.append(
+            {
+                "name": key.name,
+                "prefix": key.prefix,
+                "source": key.source,
+                "status": status,
+                **usage.view(),
+                "in_flight": key.window.in_flight,
+                "reserved_usd": round(key.reserved_usd, 8),
+                "limits": {
+                    "rpm": limits.rpm,
+                    "tpm": limits.tpm,
+                    "max_concurrent": limits.max_concurrent,
+                    "monthly_budget_usd": limits.monthly_budget_usd,
+                },
+            }
+        )
+    return rows
 
 
 @dataclass(slots=True)

@@ -50,7 +50,11 @@ class Auth:
 
     def admit(self, key: ClientKey) -> None:
         """Count the request against the key's limits, or refuse it with when to retry."""
-        refusal = key.window.admit(self.ring.clock())
+        ring = self.ring
+        now = ring.clock()
+        if now >= ring.next_month:
+            ring.roll()  # the key's budget is this month's before anything reserves from it
+        refusal = key.window.admit(now)
         if refusal is not None:
             error = RateLimited(f"Rate limit reached: {refusal.message}", refusal.retry_after)
             error.extra_headers = self.headers(key)

@@ -79,13 +79,15 @@ class AdminKeys:
         unknown = set(body) - set(SETTINGS)
         if "name" in unknown:
             raise InvalidRequest("a key's name cannot change; create a new key", param="name")
+        if "max_zone" in body and body["max_zone"] is None:
+            body["max_zone"] = "open"  # null clears a setting: this one's default is "open"
         merged = {**key.limits.model_dump(mode="json"), **body}
         limits = _validated(KeyLimits, merged)
         await ring.update(key, limits)
         await send_json(send, 200, dumps(_view(key)))
 
 
-class Usage:
+class OwnUsage:
     """``GET /v1/usage``: the calling key's own usage this month and its limits."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -94,6 +96,7 @@ class Usage:
         if key is None:
             raise Unauthorized("GET /v1/usage needs [auth] enabled = true and a key")
         ring = _ring(gateway)
+        ring.roll()
         now = ring.clock()
         rate = {name.decode(): value.decode() for name, value in key.window.headers(now)}
         limits = key.limits

@@ -35,6 +35,7 @@ REQUEST_ID_KEY = "nexus.request_id"
 TRACE_KEY = "nexus.trace"
 access_log = logging.getLogger("nexus.access")
 log = logging.getLogger("nexus.api")
+API_OF = {"/v1/messages": "messages", "/v1/responses": "responses"}
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 
@@ -83,12 +84,15 @@ class GatewayMiddleware:
         render = getattr(handler, "render_error", None) or _openai_error
         refusal = self._refusal(scope, handler)
         auth = self.auth
+        limited: ClientKey | None = None  # a known key its limits refused
         if refusal is None and auth is not None and scope["path"] in auth.paths:
-            refusal, key = _keyed(auth, scope)
+            refusal, key, limited = _keyed(auth, scope)
         if refusal is not None:
             log.debug("refused %s %s: %s", scope["method"], scope["path"], refusal.message)
             status, body = render(refusal, scope[REQUEST_ID_KEY])
             await send_json(send_with_id, status, body, _encode(refusal.all_headers()))
+            if limited is not None:
+                self._record_refusal(scope, limited, refusal)
             return
         if handler is None:
             scope[KEY_SCOPE] = key
@@ -148,6 +152,15 @@ class GatewayMiddleware:
         if access_log.isEnabledFor(logging.INFO):
             _log_request(scope["path"], outcome, trace.content)
 
+    def _record_refusal(self, scope: Scope, key: ClientKey, refusal: NexusError) -> None:
+        """A keyed request its limits refused still counts in the key's history and metrics."""
+        trace = Trace(api=API_OF.get(scope["path"], "chat"), client_key=key)
+        trace.error_type = refusal.error_type
+        outcome = outcome_of(trace, scope[REQUEST_ID_KEY], refusal.status_code, 0.0)
+        gateway = getattr(self.app.state, "gateway", None)
+        if gateway is not None:
+            gateway.telemetry.record(outcome)
+
     def _refusal(self, scope: Scope, handler: ASGIApp | None = None) -> NexusError | None:
         """The guard's refusal; else, on an inference route, any method but POST (answered here,
         in that route's own envelope)."""
@@ -166,15 +179,21 @@ class GatewayMiddleware:
         await self.app(scope, receive, send)
 
 
-def _keyed(auth: Auth, scope: Scope) -> tuple[NexusError | None, ClientKey | None]:
-    """The request's key, admitted on an inference route; else why not (its headers in it)."""
+def _keyed(
+    auth: Auth, scope: Scope
+) -> tuple[NexusError | None, ClientKey | None, ClientKey | None]:
+    """The request's key, admitted on an inference route; else why not (its headers in it),
+    and the key when it is a known one that its limits refused."""
     try:
         key = auth.identify(scope)
-        if scope["path"] in auth.inference:
-            auth.admit(key)
     except NexusError as exc:
-        return exc, None
-    return None, key
+        return exc, None, None
+    if scope["path"] in auth.inference:
+        try:
+            auth.admit(key)
+        except NexusError as exc:
+            return exc, None, key
+    return None, key, None
 
 
 Render = Callable[[NexusError, str], tuple[int, bytes]]
@@ -203,6 +222,9 @@ def _log_request(path: str, o: Outcome, content: str | None) -> None:
     if o.cost_usd is not None:  # priced: what it cost, as X-Nexus-Cost-Estimated says it
         cost = f" cost=${o.cost_usd:.6f}"
         extra["cost_usd"] = round(o.cost_usd, 8)
+    if o.key is not None:
+        cost += f" key={o.key}"
+        extra["key"] = o.key
     access_log.info(
         "POST %s %d %.1fms model=%s backend=%s route=%s tries=%d tokens=%s%s request_id=%s%s",
         path,

@@ -14,6 +14,9 @@ from starlette.types import Receive, Scope, Send
 from ..config import MODEL_NAME_MAX
 from ..errors import InvalidRequest, JSONDict
 from ..gateway import Gateway
+from ..routing.access import Access
+from ..routing.aliases import resolve
+from .auth import key_of
 from .disconnect import DisconnectGuard
 from .http import client_headers, dumps, parse_object, read_body, send_json
 from .middleware import REQUEST_ID_KEY, trace_of
@@ -69,24 +72,33 @@ class Embeddings:
 
 
 class Models:
-    """``GET /v1/models``: every model on a healthy backend, once, best backend as owner."""
+    """``GET /v1/models``: every model on a healthy backend, once, best backend as owner; asked
+    with a client key, only the models that key may use."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_json(send, 200, dumps(model_list(gateway_of(scope))))
+        await send_json(send, 200, dumps(model_list(gateway_of(scope), key_of(scope))))
 
 
-def model_list(gateway: Gateway) -> JSONDict:
-    """Each model once; ``pricing`` is its owner's (the backend it goes to first) when known."""
+def model_list(gateway: Gateway, access: Access | None = None) -> JSONDict:
+    """Each model once; ``pricing`` is its owner's (the backend it goes to first) when known.
+    With ``access`` (a client key), only what the key may use, judged as the router judges a
+    request for that name: the model it resolves to through the aliases must match the key's
+    globs, and a ``max_zone = "restricted"`` key sees restricted-zone backends only."""
     created = int(gateway.started_at)
     meter = gateway.meter
     rows: dict[str, JSONDict] = {}
+    aliases = gateway.settings.routing.aliases
     backends = sorted(
         (b for b in gateway.registry if b.healthy), key=lambda b: (b.priority, b.name)
     )
+    if access is not None and access.restricted:  # such a key never reaches an open zone
+        backends = [b for b in backends if b.zone == "restricted"]
     for backend in backends:
         for model in backend.models.values():
             row = rows.get(model.id)
             if row is None:
+                if access is not None and not access.allows(resolve(model.id, aliases)):
+                    continue
                 rows[model.id] = {
                     "id": model.id,
                     "object": "model",

@@ -14,8 +14,8 @@ same-origin and the Content-Security-Policy says so.
 - ``{"type": "backends", "data": [backend_view, …]}`` when the backends' views changed, and
   ``{"type": "models", "data": [model, …]}`` when ``/v1/models`` would change (checked each second);
 - ``{"type": "stats", "time": t, "data": stats}`` each second (``/v1/stats``: totals, in flight,
-  queue depth, the month's spend and ``budget``), which also tells the page the connection is
-  alive.
+  queue depth, the month's spend and ``budget``, and ``keys``: each client key's month and
+  limits), which also tells the page the connection is alive.
 
 One ``Hub`` per app fans the messages out: it subscribes to the telemetry when the first page
 connects and unsubscribes when the last one leaves, and encodes each message once. Every client has

@@ -142,7 +142,7 @@ class KeyRing:
             limits = KeyLimits.model_validate(entry.model_dump(include=set(SETTINGS)))
             self._add(ClientKey(entry.name, entry.hash, "", limits, "config", now))
         self.month = month_of(now)
-        self._next_month = next_month_start(now)
+        self.next_month = next_month_start(now)
         self.store: StateStore | None = None
         self._pending: dict[str, Usage] = {}
         self._pending_month = self.month
@@ -199,14 +199,18 @@ class KeyRing:
         self._schedule()
 
     def retry_at_month_end(self) -> float:
-        return max(1.0, self._next_month - self.clock())
+        return max(1.0, self.next_month - self.clock())
+
+    def roll(self) -> None:
+        """Start a new month when one has begun (each key's usage from zero)."""
+        self._roll(self.clock())
 
     def _roll(self, now: float) -> None:
-        if now < self._next_month:
+        if now < self.next_month:
             return
         self._flush()  # last month's pending usage, written under last month
         self.month = month_of(now)
-        self._next_month = next_month_start(now)
+        self.next_month = next_month_start(now)
         self._pending_month = self.month
         for key in self._by_name.values():
             key.usage = Usage()
@@ -221,7 +225,8 @@ class KeyRing:
         secret = new_secret()
         key = ClientKey(name, hash_of(secret), prefix_of(secret), limits, "api", self.clock())
         await self._save(key)
-        if existing is not None:
+        if existing is not None:  # a revoked key's name: its month's usage stays with the name
+            key.usage = existing.usage  # (as stored): a new secret is not a new budget
             self._remove(existing)
         self._add(key)
         log.info("key %s created (%s...)", name, key.prefix)

@@ -2,8 +2,11 @@
 
 Labels stay bounded: a model label is a model some backend lists or an alias in the config,
 anything else is counted as ``other`` (a client inventing model names cannot grow the series);
-backend labels are backend names. The budget gauges are read from the ledger at scrape time
-(through a ``SpendView``), never per request.
+backend labels are backend names; a ``key`` label is the name of a client key the key set holds
+(made by an admin, never by a client; never the secret), anything else ``other``. Per-key numbers
+are families of their own (``nexus_key_*``), so keys do not multiply the per-model series. The
+budget gauges are read from the ledger at scrape time (through a ``SpendView``), and the per-key
+gauges from the key set (``KeyView``), never per request.
 """
 
 from __future__ import annotations
@@ -51,6 +54,17 @@ class SpendView:
     status_level: int  # 0 Normal, 1 SoftLimit, 2 HardLimit
     limit_usd: float | None
     rollovers: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyView:
+    """One client key's month as the scrape-time gauges read it (filled by the gateway)."""
+
+    name: str
+    month: str  # the UTC month, YYYY-MM
+    spent_usd: float  # this month, restarts included (the key set keeps it in the state DB)
+    limit_usd: float | None  # the key's monthly_budget_usd
+    in_flight: int
 
 
 class _Counter:
@@ -105,9 +119,13 @@ class Metrics(Collector):
         known_model: Callable[[str], bool],
         fleet: Callable[[], FleetView],
         spend: Callable[[], SpendView | None] = lambda: None,
+        *,
+        known_key: Callable[[str], bool] = lambda _: False,
+        keys: Callable[[], list[KeyView]] = lambda: [],
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._known_model = known_model
+        self._known_key = known_key
         self.requests = _Counter(
             "nexus_requests",
             "Requests by model, backend, status and the API the client spoke",
@@ -148,13 +166,24 @@ class Metrics(Collector):
             "nexus_cost_per_request_usd", "Cost of each priced request, in USD",
             ["model"], COST_BUCKETS,
         )  # fmt: skip
+        self.key_requests = _Counter(
+            "nexus_key_requests", "Requests per client key and status", ["key", "status"]
+        )
+        self.key_tokens = _Counter(
+            "nexus_key_tokens", "Tokens reported by backends per client key", ["key", "type"]
+        )
+        self.key_cost = _Counter(
+            "nexus_key_cost_usd", "What priced requests cost per client key, in USD", ["key"]
+        )
         self._families: list[_Counter | _Histogram] = [
             self.requests, self.errors, self.fallbacks, self.duration, self.ttft, self.tokens,
             self.overhead, self.stage, self.exclusions, self.cost, self.cost_per_request,
+            self.key_requests, self.key_tokens, self.key_cost,
         ]  # fmt: skip
         self.registry.register(self)
         self.registry.register(_FleetCollector(fleet))
         self.registry.register(_BudgetCollector(spend))
+        self.registry.register(_KeyCollector(keys))
 
     def collect(self) -> Iterator[Metric]:
         for family in self._families:
@@ -179,6 +208,17 @@ class Metrics(Collector):
                 self.stage.observe((stage,), ns / 1e9)
             for stage, count in o.exclusions.items():
                 self.exclusions.inc((stage,), count)
+            if o.key is not None:
+                self._key_metrics(o, o.key if self._known_key(o.key) else "other")
+
+    def _key_metrics(self, o: Outcome, key: str) -> None:
+        self.key_requests.inc((key, str(o.status)))
+        if o.prompt_tokens:
+            self.key_tokens.inc((key, "prompt"), o.prompt_tokens)
+        if o.completion_tokens:
+            self.key_tokens.inc((key, "completion"), o.completion_tokens)
+        if o.cost_usd is not None:
+            self.key_cost.inc((key,), o.cost_usd)
 
     def _backend_metrics(self, o: Outcome, model: str, backend: str) -> None:
         key = (model, backend)
@@ -253,6 +293,43 @@ class _BudgetCollector(Collector):
         events = CounterMetricFamily("nexus_budget_events", "Budget events", labels=["event_type"])
         events.add_metric(["month_rollover"], view.rollovers)
         yield events
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+class _KeyCollector(Collector):
+    """Per-key gauges from the key set: the month's spend (restarts included), the budget, and
+    the calls in flight. As many series as keys, which only an admin makes."""
+
+    def __init__(self, keys: Callable[[], list[KeyView]]) -> None:
+        self._keys = keys
+
+    def collect(self) -> Iterator[Metric]:
+        views = self._keys()
+        if not views:
+            return
+        spent = GaugeMetricFamily(
+            "nexus_key_spending_usd",
+            "What each client key spent this billing month (UTC), USD",
+            labels=["key", "billing_month"],
+        )
+        limit = GaugeMetricFamily(
+            "nexus_key_budget_limit_usd",
+            "Each client key's monthly_budget_usd (keys that have one)",
+            labels=["key"],
+        )
+        in_flight = GaugeMetricFamily(
+            "nexus_key_in_flight", "Requests in flight per client key", labels=["key"]
+        )
+        for view in views:
+            spent.add_metric([view.name, view.month], view.spent_usd)
+            if view.limit_usd is not None:
+                limit.add_metric([view.name], view.limit_usd)
+            in_flight.add_metric([view.name], view.in_flight)
+        yield spent
+        yield limit
+        yield in_flight
 
     def describe(self) -> Iterable[Metric]:
         return []

@@ -142,7 +142,7 @@
     const t = time || serverNow();
     state.load.push({ t, inFlight: stats.in_flight || 0, queue: stats.queue_depth || 0 });
     prune();
-    dirty("summary", "charts", "spend");
+    dirty("summary", "charts", "spend", "keys");
   }
 
   function applyBackends(list) {
@@ -227,6 +227,7 @@
       feed: renderFeed,
       charts: renderCharts,
       spend: renderSpend,
+      keys: renderKeys,
     };
     const todo = Object.keys(parts).filter(want);
     dirtyParts.clear();
@@ -320,6 +321,58 @@
     );
   }
 
+  // One row per client key: its month (requests, tokens, cost) and its limits. Hidden while
+  // there are no keys (a home lab without [auth]) or the server is older than the panel.
+  function renderKeys() {
+    const s = state.stats;
+    const keys = s && Array.isArray(s.keys) ? s.keys : [];
+    const panel = $("keys");
+    panel.hidden = !keys.length;
+    if (!keys.length) return;
+    setText("keys-month", s.budget && s.budget.month ? `(${s.budget.month}, UTC)` : "");
+    $("keys-rows").replaceChildren(...keys.map(keyRow));
+  }
+
+  function keyLimits(k) {
+    const limits = k.limits || {};
+    const parts = [];
+    if (typeof limits.rpm === "number") parts.push(`${fmtInt(limits.rpm)} rpm`);
+    if (typeof limits.tpm === "number") parts.push(`${fmtInt(limits.tpm)} tpm`);
+    const flying = `${fmtInt(k.in_flight || 0)}${typeof limits.max_concurrent === "number" ? ` / ${fmtInt(limits.max_concurrent)}` : ""} in flight`;
+    parts.push(flying);
+    return parts.join(" · ");
+  }
+
+  function keyRow(k) {
+    const status = ["active", "revoked", "expired"].includes(k.status) ? k.status : "active";
+    const about = [k.prefix ? `${k.prefix}…` : "", status === "active" ? "" : status].filter(Boolean).join(" · ");
+    const budget = k.limits && typeof k.limits.monthly_budget_usd === "number" ? k.limits.monthly_budget_usd : null;
+    let budgetInfo = null;
+    if (budget !== null) {
+      const used = budget > 0 ? Math.min(100, (100 * (k.cost_usd || 0)) / budget) : 0;
+      const fill = el("span", { className: used >= 100 ? "full" : "" });
+      fill.style.width = `${used.toFixed(1)}%`;
+      budgetInfo = [
+        el("div", { className: "sub budget", text: `of ${fmtUSD(budget)}` }),
+        el("div", { className: "bar", role: "meter", "aria-label": `Share of ${k.name}'s monthly budget spent`, "aria-valuemin": 0, "aria-valuemax": 100, "aria-valuenow": used.toFixed(1) }, fill),
+      ];
+    }
+    return el(
+      "tr",
+      { data: { key: k.name, status } },
+      el(
+        "td",
+        { className: "key-name" },
+        el("div", { className: "mono name", text: k.name }),
+        about ? el("div", { className: "sub about", text: about }) : null,
+        el("div", { className: "sub limits", text: keyLimits(k) }),
+      ),
+      el("td", { className: "num requests", text: fmtInt(k.requests) }),
+      el("td", { className: "num tokens" }, el("div", { className: "total", text: fmtInt(k.total_tokens) }), el("div", { className: "sub split", text: `${fmtInt(k.prompt_tokens)} + ${fmtInt(k.completion_tokens)}` })),
+      el("td", { className: "num cost" }, el("div", { className: "spent", text: fmtUSD(k.cost_usd) }), ...(budgetInfo || [])),
+    );
+  }
+
   function metric(label, value, extra) {
     return el("div", { className: "metric" }, el("div", { className: "k", text: label }), el("div", { className: "v", text: value }), extra);
   }
@@ -396,7 +449,7 @@
     const ok = isOk(o);
     const tokens = o.prompt_tokens == null && o.completion_tokens == null ? "–" : `${o.prompt_tokens || 0}+${o.completion_tokens || 0}`;
     const model = o.fallback_model ? `${o.model} → ${o.fallback_model}` : o.model || "–";
-    const route = [o.route_reason, o.attempts > 1 ? `${o.attempts} tries` : "", o.stream ? "stream" : ""].filter(Boolean).join(" · ");
+    const route = [o.key ? `key ${o.key}` : "", o.route_reason, o.attempts > 1 ? `${o.attempts} tries` : "", o.stream ? "stream" : ""].filter(Boolean).join(" · ");
     const priced = typeof o.cost_usd === "number";
     const via = [o.backend ? `via ${o.backend}` : "", priced ? fmtUSD(o.cost_usd) : ""].filter(Boolean).join(" · ");
     return el(

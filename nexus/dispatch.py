@@ -48,6 +48,7 @@ from .errors import (
 )
 from .health import HealthChecker
 from .keys.ring import ClientKey, KeyRing
+from .keys.tokens import hash_of
 from .queueing import QueueFull, RequestQueue
 from .redact import scrub_bytes
 from .registry import Backend, Registry
@@ -237,15 +238,22 @@ class Dispatcher:
         )
         return StreamResult(served, events, upstream.native)
 
-    async def count_tokens(self, body: JSONDict, inbound: Inbound) -> int:
+    async def count_tokens(
+        self, body: JSONDict, inbound: Inbound, access: Access | None = None
+    ) -> int:
         """A Messages request's input tokens: Anthropic's own count when the model's first choice
-        is an Anthropic backend, else (or if that count fails) Nexus's estimate."""
+        is an Anthropic backend, else (or if that count fails) Nexus's estimate. A client key's
+        reach holds here too: a model it may not use is a 403, and a backend it may not reach
+        never sees the prompt."""
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidRequest("'model' must be a non-empty string", param="model")
         if not isinstance(body.get("messages"), list):
             raise InvalidRequest("'messages' must be a list of messages", param="messages")
-        plan = self.router.plan(RouteRequest(model))
+        try:
+            plan = self.router.plan(RouteRequest(model, access=access))
+        except NoHealthyBackend:
+            return anthropic_inbound.estimate_input_tokens(body)  # nothing may count it for us
         step = plan.steps[0] if plan.steps else None
         adapter = self.adapters.for_type(step.backend.type) if step is not None else None
         if step is not None and isinstance(adapter, AnthropicAdapter):
@@ -318,6 +326,7 @@ class Dispatcher:
             last: UpstreamError | None = None
             refused = key_refused = False
             tries = 0
+            keyed = request.access is not None or self._sends_nexus_key(client)
             for index, step in enumerate(plan.steps):
                 if tries > self.max_retries:
                     break
@@ -334,7 +343,7 @@ class Dispatcher:
                 tries += 1
                 trace.attempts = tries
                 trace.backend = step.backend.name  # a failure is counted against who failed
-                headers = upstream_headers(step, client, request_id, request.access is not None)
+                headers = upstream_headers(step, client, request_id, keyed)
                 estimate = request.requirements.estimated_tokens
                 call = Call(body, raw, step.model, headers, estimate, inbound)
                 step.backend.in_flight += 1
@@ -427,6 +436,16 @@ class Dispatcher:
                 self._settle(charge, step, request, trace, usage, output_tokens=relayed)
         if not done and not upstream.native:  # a provider's own stream has its own ending
             yield DONE
+
+    def _sends_nexus_key(self, client: Mapping[str, str]) -> bool:
+        """With ``[auth]`` off, a client may still send a Nexus key: it is not forwarded either
+        (one hash, only when keys exist and the client sent a credential)."""
+        keys = self.keys
+        sent = client.get("authorization")
+        if keys is None or not sent or not len(keys):
+            return False
+        scheme, _, token = sent.partition(" ")
+        return scheme.lower() == "bearer" and keys.by_hash(hash_of(token.strip())) is not None
 
     def _charge(self, step: Step, request: RouteRequest) -> Charge | None:
         """Reserve the worst case of a call to a priced backend (None when it is free)."""

@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 from ..config import KeyLimits, KeyName
 from ..errors import Conflict, InvalidRequest, NotFound, Unauthorized
 from ..gateway import Gateway
-from ..keys.ring import SETTINGS, ClientKey, KeyRing
+from ..keys.ring import SETTINGS, ClientKey, KeyRing, NameTaken
 from .auth import key_of
 from .backends import authorize
 from .http import dumps, parse_object, read_body, send_json
@@ -66,7 +66,10 @@ class AdminKeys:
         if existing is not None and (existing.revoked_at is None or existing.source == "config"):
             raise Conflict(f"a key named '{new.name}' already exists", param="name")
         limits = KeyLimits.model_validate(new.model_dump(include=set(SETTINGS)))
-        key, secret = await ring.create(new.name, limits)
+        try:
+            key, secret = await ring.create(new.name, limits)
+        except NameTaken:
+            raise Conflict(f"a key named '{new.name}' already exists", param="name") from None
         await send_json(send, 201, dumps({**_view(key), "key": secret}))
 
     async def _update(

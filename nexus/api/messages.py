@@ -167,5 +167,6 @@ class CountTokens:
         trace.kind = "count_tokens"
         body = parse_object(await read_body(scope, receive))
         extras = anthropic_extras(keyed_headers(scope), body, None)
-        count = await gateway_of(scope).dispatcher.count_tokens(body, extras)
+        dispatcher = gateway_of(scope).dispatcher
+        count = await dispatcher.count_tokens(body, extras, trace.client_key)
         await send_json(send, 200, orjson.dumps({"input_tokens": count}))

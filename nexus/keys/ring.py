@@ -32,6 +32,10 @@ log = logging.getLogger("nexus.keys")
 SETTINGS = tuple(KeyLimits.model_fields)  # owner, expires_at, models, max_zone, rpm, ...
 
 
+class NameTaken(Exception):
+    """A key with this name exists (live, or declared in the config), or is being made."""
+
+
 @dataclass(slots=True)
 class Usage:
     """A key's month to date."""
@@ -149,6 +153,7 @@ class KeyRing:
         self._timer: asyncio.TimerHandle | None = None
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._writes: set[asyncio.Future[None]] = set()
+        self._creating: set[str] = set()  # names whose create is writing to the store
 
     def __iter__(self) -> Iterator[ClientKey]:
         return iter(self._by_name.values())
@@ -217,11 +222,22 @@ class KeyRing:
 
     # --- managing keys (the admin API) ------------------------------------------------------
     async def create(self, name: str, limits: KeyLimits) -> tuple[ClientKey, str]:
+        """A new key named ``name``; raises NameTaken while a live or config key has the name,
+        or another create of the name is under way."""
         existing = self._by_name.get(name)
-        if existing is not None and existing.revoked_at is None:
-            raise KeyError(name)
-        if existing is not None and existing.source == "config":
-            raise PermissionError(name)
+        if name in self._creating or (
+            existing is not None and (existing.revoked_at is None or existing.source == "config")
+        ):
+            raise NameTaken(name)
+        self._creating.add(name)  # claimed before the write: a concurrent create is refused
+        try:
+            return await self._create(name, limits, existing)
+        finally:
+            self._creating.discard(name)
+
+    async def _create(
+        self, name: str, limits: KeyLimits, existing: ClientKey | None
+    ) -> tuple[ClientKey, str]:
         secret = new_secret()
         key = ClientKey(name, hash_of(secret), prefix_of(secret), limits, "api", self.clock())
         await self._save(key)

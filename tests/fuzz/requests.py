@@ -596,3 +596,83 @@ def responses_objects(draw: st.DrawFn) -> Any:
         valid, hostile = RESPONSES_OPTIONS[key]
         body[key] = draw(usually(valid, hostile))
     return body
+
+
+# --- client keys (issue 12): /admin/keys bodies, names, and credentials ------------------------
+FUZZ_KEY = "nx-fuzz-tier-client-key-0123456789abcdefghijklmnop"  # [[auth.keys]] of the keyed target
+key_names = usually(
+    st.text(alphabet="abcxyz019._-", min_size=1, max_size=12),
+    st.sampled_from(["", " ", "a b", "a/b", "..", "x" * 65, "é", "nx-\x00", "fuzz-keyed"]) | text,
+)
+KEY_OPTIONS = {
+    "owner": (text, json_values),
+    "expires_at": (
+        st.sampled_from(["2099-01-01T00:00:00Z", "2030-06-01T12:00:00+02:00"]),
+        st.sampled_from(["2030-01-01T00:00:00", "2020-01-01", "tomorrow", "", "9999-99-99T"])
+        | json_values,
+    ),
+    "models": (
+        st.lists(st.sampled_from(["mock-*", "*", "llama*", "alias-model"]), max_size=3),
+        st.lists(text, max_size=70) | json_values,
+    ),  # fmt: skip
+    "max_zone": (st.sampled_from(["open", "restricted", "RESTRICTED"]), json_values),
+    "rpm": (st.integers(1, 10**6), st.integers() | json_values),
+    "tpm": (st.integers(1, 10**9), st.integers() | json_values),
+    "max_concurrent": (st.integers(1, 100), st.integers() | json_values),
+    "monthly_budget_usd": (st.floats(0.01, 1000), st.floats() | json_values),
+    "name": (key_names, json_values),  # in a PATCH: a rename, refused
+    "key": (text, json_values),
+    "hash": (st.just("sha256:" + "0" * 64), json_values),
+    "unknown": (json_values, json_values),
+}
+
+
+@st.composite
+def key_objects(draw: st.DrawFn) -> Any:
+    """A ``POST /admin/keys`` or ``PATCH /admin/keys/{name}`` body: mostly a name and up to three
+    settings, each usually valid; sometimes any JSON value."""
+    if not mostly(draw):
+        return draw(json_values)
+    body: dict[str, Any] = {}
+    if mostly(draw):
+        body["name"] = draw(key_names)
+    for key in draw(st.lists(st.sampled_from(sorted(KEY_OPTIONS)), max_size=3, unique=True)):
+        valid, hostile = KEY_OPTIONS[key]
+        body[key] = draw(usually(valid, hostile))
+    return body
+
+
+credentials = st.lists(
+    st.sampled_from(
+        [
+            ("Authorization", f"Bearer {FUZZ_KEY}"),
+            ("Authorization", f"bearer {FUZZ_KEY}"),
+            ("x-api-key", FUZZ_KEY),
+            ("Authorization", f"Bearer {FUZZ_KEY}x"),
+            ("Authorization", f"Basic {FUZZ_KEY}"),
+            ("Authorization", FUZZ_KEY),
+            ("Authorization", "Bearer"),
+            ("Authorization", "Bearer nx-wrong"),
+            ("x-api-key", FUZZ_KEY[:-1]),
+            ("x-api-key", ""),
+        ]
+    )
+    | st.tuples(st.sampled_from(["Authorization", "x-api-key"]), header_text)
+    | st.tuples(
+        st.just("Authorization"), st.sampled_from([600, 20_000]).map(lambda n: "Bearer " + "k" * n)
+    ),
+    max_size=2,
+)
+
+
+def carries_the_key(req: Req) -> bool:
+    """Whether the request sends the fuzz key as a client may (the only way a keyed route may
+    answer 2xx): a bearer token (any case of the scheme) or an ``x-api-key``."""
+    for name, value in req.headers:
+        scheme, _, token = value.strip().partition(" ")
+        if name.lower() == "authorization" and scheme.lower() == "bearer":
+            if token.strip() == FUZZ_KEY:
+                return True
+        elif name.lower() == "x-api-key" and value.strip() == FUZZ_KEY:
+            return True
+    return False

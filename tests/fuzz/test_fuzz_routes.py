@@ -15,8 +15,8 @@ same requests every run; the counts add up to more than 5,000 and are printed at
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -26,6 +26,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from nexus.keys.tokens import hash_of
 from nexus.registry import Status
 from tests.fakes import FakeOllama, FakeOpenAI
 from tests.harness import LoopThread, NexusServer, data_events, settings_for, wait_for
@@ -58,6 +59,7 @@ class Target:
     nexus: NexusServer
     fakes: list[FakeOpenAI | FakeOllama]
     client: WireClient
+    credentials: list[tuple[bytes, bytes]] = field(default_factory=list)  # for the after-check
 
     def send(self, req: r.Req) -> Answer:
         port = str(self.nexus.port).encode()
@@ -113,8 +115,35 @@ def target(loop_thread: LoopThread) -> Iterator[Target]:
             loop_thread.run(fake.stop())
 
 
+@pytest.fixture(scope="module")
+def keyed_target(loop_thread: LoopThread) -> Iterator[Target]:
+    """The same gateway with ``[auth]`` on and one config-declared key (``r.FUZZ_KEY``)."""
+    openai = RoomyOpenAI(models=["mock-model", "nomic-embed-text"])
+    ollama = RoomyOllama(models=["llama3.2:latest"])
+    for fake in (openai, ollama):
+        loop_thread.run(fake.start())
+    settings = settings_for(
+        ("fuzz-openai", openai, "vllm"),
+        ("fuzz-ollama", ollama, "ollama"),
+        routing={"aliases": r.ALIASES},
+        server={"request_timeout_seconds": 10},
+        health_check={"timeout_seconds": 2},
+        auth={"enabled": True, "keys": [{"name": "fuzz-keyed", "hash": hash_of(r.FUZZ_KEY)}]},
+    )
+    nexus = NexusServer(loop_thread, settings).start()
+    bearer = [(b"Authorization", b"Bearer " + r.FUZZ_KEY.encode())]
+    target = Target(nexus, [openai, ollama], WireClient(nexus.port), bearer)
+    try:
+        yield target
+    finally:
+        target.client.close()
+        nexus.stop()
+        for fake in (openai, ollama):
+            loop_thread.run(fake.stop())
+
+
 # --- the properties -------------------------------------------------------------------------------
-def check(target: Target, req: r.Req) -> None:
+def check(target: Target, req: r.Req) -> Answer:
     answer = target.send(req)
     context = f"{req.method} {req.target[:200]} -> {answer.status} {answer.body[:300]!r}"
     assert answer.status < 500, context  # with healthy upstreams: none, ever
@@ -132,6 +161,22 @@ def check(target: Target, req: r.Req) -> None:
             assert not changed, f"a forwarded request counted as loopback: {context}"
     if req.route == "/v1/history" and req.method == "GET" and answer.status < 300:
         assert answer.status == 200, context
+    return answer
+
+
+KEYED_PATHS = {"/v1/chat/completions", "/v1/embeddings", "/v1/messages",
+               "/v1/messages/count_tokens", "/v1/responses", "/v1/models", "/v1/usage"}  # fmt: skip
+
+
+def check_keyed(target: Target, req: r.Req) -> Answer:
+    """With [auth] on: a keyed route answers 2xx only to the key, and the key is never shown."""
+    answer = check(target, req)
+    context = f"{req.method} {req.target[:200]} -> {answer.status} {answer.body[:300]!r}"
+    if 200 <= answer.status < 300 and req.target.partition("?")[0] in KEYED_PATHS:
+        assert r.carries_the_key(req), f"served without the key: {context} {req.headers!r}"
+    secret = r.FUZZ_KEY.encode()
+    assert secret not in answer.body and secret not in answer.raw_head, context
+    return answer
 
 
 def assert_envelope(req: r.Req, answer: Answer, context: str) -> None:
@@ -190,7 +235,7 @@ def assert_healthy_after(target: Target) -> None:
             "degraded",  # backends added through the admin API may point at closed ports
         )
         body = b'{"model":"mock-model","messages":[{"role":"user","content":"hi"}]}'
-        json_headers = [*host, (b"Content-Type", b"application/json")]
+        json_headers = [*host, *target.credentials, (b"Content-Type", b"application/json")]
         chat = client.request(
             b"POST",
             b"/v1/chat/completions",
@@ -202,7 +247,12 @@ def assert_healthy_after(target: Target) -> None:
         client.close()
 
 
-def fuzz(target: Target, strategy: st.SearchStrategy[r.Req], examples: int) -> None:
+def fuzz(
+    target: Target,
+    strategy: st.SearchStrategy[r.Req],
+    examples: int,
+    checker: Callable[[Target, r.Req], Answer] = check,
+) -> None:
     """Send ``examples`` generated requests (derandomized), then check the gateway's health."""
     sent: list[int] = []
 
@@ -218,7 +268,7 @@ def fuzz(target: Target, strategy: st.SearchStrategy[r.Req], examples: int) -> N
     @given(strategy)
     def one(req: r.Req) -> None:
         sent.append(1)
-        check(target, req)
+        checker(target, req)
 
     one()
     assert len(sent) >= examples, f"only {len(sent)} of {examples} requests were generated"
@@ -285,6 +335,19 @@ def retarget(req: r.Req, target: str, route: str | None = None) -> r.Req:
     return req
 
 
+KEY_PATHS = st.builds(
+    "/admin/keys/{}".format,
+    r.key_names.map(lambda name: quote(name, safe=""))
+    | st.sampled_from(["", "x", "%2e%2e", "a/b", "%ff", "fuzz-keyed", "nope"]),
+)
+ADMIN_KEYS = (
+    r.requests("/admin/keys", variants("/admin/keys"), "POST", r.json_bodies(r.key_objects()))
+    | r.requests("/admin/keys", variants("/admin/keys"), "GET")
+    | r.requests("/admin/keys/{name}", KEY_PATHS, "PATCH", r.json_bodies(r.key_objects()))
+    | r.requests("/admin/keys/{name}", KEY_PATHS, "GET")
+    | r.requests("/admin/keys/{name}", KEY_PATHS, "DELETE")
+)
+USAGE = r.requests("/v1/usage", variants("/v1/usage"), "GET")
 READS = st.one_of(*(r.requests(path, variants(path), "GET") for path in READ_ROUTES))
 limits = (
     st.integers(-(10**6), 10**7).map(str)
@@ -330,6 +393,9 @@ COVERED = {
     "/v1/responses",
     "/admin/backends",
     "/admin/backends/{name}",
+    "/admin/keys",
+    "/admin/keys/{name}",
+    "/v1/usage",
     *READ_ROUTES,
     "/v1/history",
     "/",
@@ -347,6 +413,8 @@ EXAMPLES = {
     "dashboard": 400,
     "unknown": 500,
     "huge": 30,
+    "admin_keys": 500,
+    "keyed": 1200,
 }
 assert sum(EXAMPLES.values()) >= 5000
 
@@ -374,6 +442,29 @@ def test_responses(target: Target) -> None:
 
 def test_admin_backends(target: Target) -> None:
     fuzz(target, ADMIN_ADD | ADMIN_REMOVE, EXAMPLES["admin"])
+
+
+def test_admin_keys_and_usage(target: Target) -> None:
+    fuzz(target, ADMIN_KEYS | USAGE, EXAMPLES["admin_keys"])
+
+
+def with_credentials(req: r.Req, credentials: list[tuple[str, str]]) -> r.Req:
+    req.headers.extend(credentials)
+    return req
+
+
+KEYED = st.builds(
+    with_credentials,
+    CHAT | EMBEDDINGS | MESSAGES | RESPONSES | USAGE
+    | r.requests("/v1/models", variants("/v1/models"), "GET") | ADMIN_KEYS,
+    r.credentials,
+)  # fmt: skip
+
+
+def test_keyed_routes(keyed_target: Target) -> None:
+    """[auth] on: every route with hostile credentials (the key, near misses, odd schemes, huge
+    values); only the key is served on a keyed route, and no answer shows it."""
+    fuzz(keyed_target, KEYED, EXAMPLES["keyed"], check_keyed)
 
 
 def test_read_routes(target: Target) -> None:

@@ -197,21 +197,6 @@ def flushed(path: Path) -> float:
     return float(row[0])
 
 
-@pytest.fixture
-def served() -> Any:
-    started: list[Serve] = []
-
-    def start(config_path: Path) -> Serve:
-        serve = Serve(config_path)
-        started.append(serve)
-        serve.wait_ready()
-        return serve
-
-    yield start
-    for serve in started:
-        serve.stop()
-
-
 def test_spend_survives_sigkill_under_load(tmp_path, start_fake, served):
     fake = start_fake(BillingOpenAI())
     path = config(tmp_path, fake.url, flush=0.2)

@@ -192,7 +192,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     st.add_argument("--warmup-seconds", type=float, default=0.5)
     st.add_argument("--max-streams", type=int, default=200_000)
     for sp in (lat, st):
-        sp.add_argument("--auth", help="bearer token for the gateway (LiteLLM master key)")
+        sp.add_argument("--auth", help="bearer token: a Nexus client key, the LiteLLM master key")
         sp.add_argument("--out", help="write the JSON here instead of stdout")
     return p.parse_args(argv)
 

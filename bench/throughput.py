@@ -69,7 +69,7 @@ def run_wrk(args: argparse.Namespace, script: str, seconds: float, latency: bool
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:18500")
-    p.add_argument("--auth", help="bearer token (LiteLLM master key)")
+    p.add_argument("--auth", help="bearer token (a Nexus client key, the LiteLLM master key)")
     p.add_argument("--connections", type=int, default=50)
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--warmup-seconds", type=float, default=2.0)

@@ -20,6 +20,7 @@ from ..keys.tokens import MAX_KEY_LENGTH, hash_of
 KEY_SCOPE = "nexus.client_key"
 MODELS_PATH = "/v1/models"
 USAGE_PATH = "/v1/usage"
+SEEN_MAX = 4096  # header values remembered as carrying a live key
 ASK = "send your Nexus key as 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
 
 
@@ -28,16 +29,31 @@ class Auth:
         self.ring = ring
         self.inference = frozenset(inference_paths)  # admitted against the key's limits
         self.paths = self.inference | {MODELS_PATH, USAGE_PATH}  # need a key
+        # Header values already found to carry a key: the next request with the same value
+        # skips parsing and hashing. Only live keys are kept; revocation and expiry are still
+        # checked on every request, and any change to the key set empties the map. A lookup by
+        # the value itself leaks nothing: Python's string hash is seeded per process, and only
+        # a value equal to a cached one can match.
+        self._seen: dict[bytes, ClientKey] = {}
+        self._seen_version = ring.version
 
     def identify(self, scope: Scope) -> ClientKey:
         """The live key the request carries; else a 401 that says what is wrong."""
+        ring = self.ring
+        if self._seen_version != ring.version:
+            self._seen.clear()
+            self._seen_version = ring.version
+        first = _first_credential(scope["headers"])  # the bearer token is tried first
+        key = self._seen.get(first) if first is not None else None
+        if key is not None and key.revoked_at is None and ring.clock() < key.expires:
+            return key
         secrets = _sent(scope["headers"])
         if not secrets:
             raise Unauthorized(f"Missing API key: {ASK}")
-        ring = self.ring
         for secret in secrets:
             key = ring.find(secret)
             if key is not None:
+                self._remember(scope["headers"], secret, key)
                 return key
         for secret in secrets:  # not live: say why when the key is ours, else just "wrong"
             known = ring.by_hash(hash_of(secret)) if len(secret) <= MAX_KEY_LENGTH else None
@@ -48,21 +64,45 @@ class Auth:
                 raise Unauthorized(f"The key '{known.name}' expired at {expired}")
         raise Unauthorized(f"Invalid API key: {ASK}")
 
-    def admit(self, key: ClientKey) -> None:
-        """Count the request against the key's limits, or refuse it with when to retry."""
+    def _remember(self, headers: list[tuple[bytes, bytes]], secret: str, key: ClientKey) -> None:
+        """Remember the request's first credential header when it is the one that held ``key``."""
+        first = _first_credential(headers)
+        if first is None or secret not in first.decode("latin-1"):
+            return
+        if len(self._seen) >= SEEN_MAX:
+            self._seen.clear()
+        self._seen[bytes(first)] = key
+
+    def admit(self, key: ClientKey) -> list[tuple[bytes, bytes]]:
+        """Count the request against the key's limits and answer its rate-limit headers, or
+        refuse it with when to retry."""
         ring = self.ring
         now = ring.clock()
         if now >= ring.next_month:
             ring.roll()  # the key's budget is this month's before anything reserves from it
-        refusal = key.window.admit(now)
+        window = key.window
+        refusal = window.admit(now)
         if refusal is not None:
             error = RateLimited(f"Rate limit reached: {refusal.message}", refusal.retry_after)
-            error.extra_headers = self.headers(key)
+            error.extra_headers = {k.decode(): v.decode() for k, v in window.headers(now)}
             raise error
+        return window.headers(now, pruned=True) if window.limited else []
 
-    def headers(self, key: ClientKey) -> dict[str, str]:
-        now = self.ring.clock()
-        return {name.decode(): value.decode() for name, value in key.window.headers(now)}
+    def headers(self, key: ClientKey) -> list[tuple[bytes, bytes]]:
+        """The rate-limit headers of a key whose request was not counted (``/v1/models``)."""
+        window = key.window
+        return window.headers(self.ring.clock()) if window.limited else []
+
+
+def _first_credential(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The ``Authorization`` value, else the ``x-api-key`` one (as sent)."""
+    api_key = None
+    for name, value in headers:
+        if name == b"authorization":
+            return value
+        if name == b"x-api-key" and api_key is None:
+            api_key = value
+    return api_key
 
 
 def _sent(headers: list[tuple[bytes, bytes]]) -> list[str]:

@@ -69,13 +69,15 @@ class GatewayMiddleware:
 
         start: list[Message] = []
         key: ClientKey | None = None
+        rate: list[tuple[bytes, bytes]] = []  # a keyed request's x-ratelimit-* headers
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [*message.get("headers", ()), (b"x-request-id", request_id)]
-                if key is not None and self.auth is not None:
-                    headers.extend(key.window.headers(self.auth.ring.clock()))
-                message["headers"] = headers
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (b"x-request-id", request_id),
+                    *rate,
+                ]
                 start.append(message)
             await send(message)
 
@@ -86,7 +88,7 @@ class GatewayMiddleware:
         auth = self.auth
         limited: ClientKey | None = None  # a known key its limits refused
         if refusal is None and auth is not None and scope["path"] in auth.paths:
-            refusal, key, limited = _keyed(auth, scope)
+            refusal, key, limited, rate[:] = _keyed(auth, scope)
         if refusal is not None:
             log.debug("refused %s %s: %s", scope["method"], scope["path"], refusal.message)
             status, body = render(refusal, scope[REQUEST_ID_KEY])
@@ -179,21 +181,22 @@ class GatewayMiddleware:
         await self.app(scope, receive, send)
 
 
-def _keyed(
-    auth: Auth, scope: Scope
-) -> tuple[NexusError | None, ClientKey | None, ClientKey | None]:
-    """The request's key, admitted on an inference route; else why not (its headers in it),
-    and the key when it is a known one that its limits refused."""
+Keyed = tuple[NexusError | None, ClientKey | None, ClientKey | None, list[tuple[bytes, bytes]]]
+
+
+def _keyed(auth: Auth, scope: Scope) -> Keyed:
+    """The request's key, admitted on an inference route, with its rate-limit headers; else
+    why not (its headers in it), and the key when it is a known one that its limits refused."""
     try:
         key = auth.identify(scope)
     except NexusError as exc:
-        return exc, None, None
-    if scope["path"] in auth.inference:
-        try:
-            auth.admit(key)
-        except NexusError as exc:
-            return exc, None, key
-    return None, key, None
+        return exc, None, None, []
+    if scope["path"] not in auth.inference:
+        return None, key, None, auth.headers(key)
+    try:
+        return None, key, None, auth.admit(key)
+    except NexusError as exc:
+        return exc, None, key, []
 
 
 Render = Callable[[NexusError, str], tuple[int, bytes]]

@@ -79,10 +79,7 @@ class ClientKey:
         self.limits = limits
         self.window = RateWindow(limits.rpm, limits.tpm, limits.max_concurrent)
         if old is not None:  # new limits, same history: a PATCH does not reset the minute
-            self.window.in_flight = old.in_flight
-            self.window._times = old._times
-            self.window._buckets = old._buckets
-            self.window._tokens = old._tokens
+            self.window.carry(old)
         self.expires = limits.expires_at.timestamp() if limits.expires_at else float("inf")
         self.restricted = limits.max_zone == "restricted"
         models = limits.models
@@ -139,6 +136,7 @@ class KeyRing:
     ) -> None:
         self.clock = clock
         self.flush_interval = flush_interval
+        self.version = 0  # changes whenever a key is added, changed or revoked
         self._by_name: dict[str, ClientKey] = {}
         self._by_hash: dict[str, ClientKey] = {}
         now = clock()
@@ -187,13 +185,18 @@ class KeyRing:
     def record(self, key: ClientKey, prompt: int, completion: int) -> None:
         """A request of ``key`` ended: its usage, in memory now and in the store soon."""
         now = self.clock()
-        self._roll(now)
+        if now >= self.next_month:
+            self._roll(now)
         key.window.done(now, prompt + completion)
-        for usage in (key.usage, self._pending.setdefault(key.name, Usage())):
+        pending = self._pending.get(key.name)
+        if pending is None:
+            pending = self._pending[key.name] = Usage()
+        for usage in (key.usage, pending):
             usage.requests += 1
             usage.prompt_tokens += prompt
             usage.completion_tokens += completion
-        self._schedule()
+        if self._timer is None:
+            self._schedule()
 
     def charge(self, key: ClientKey, worst: float, cost: float) -> None:
         """A priced call of ``key`` settled: ``cost`` replaces the ``worst`` case it held."""
@@ -251,6 +254,7 @@ class KeyRing:
     async def update(self, key: ClientKey, limits: KeyLimits) -> None:
         old = key.limits
         key.configure(limits)
+        self.version += 1
         try:
             await self._save(key)
         except BaseException:
@@ -260,6 +264,7 @@ class KeyRing:
 
     async def revoke(self, key: ClientKey) -> None:
         key.revoked_at = self.clock()  # refused from now on, whatever the store does
+        self.version += 1
         await self._save(key)
         log.info("key %s revoked", key.name)
 
@@ -349,10 +354,12 @@ class KeyRing:
             self._writer.shutdown(wait=True)
 
     def _add(self, key: ClientKey) -> None:
+        self.version += 1
         self._by_name[key.name] = key
         self._by_hash[key.hash] = key
 
     def _remove(self, key: ClientKey) -> None:
+        self.version += 1
         self._by_name.pop(key.name, None)
         self._by_hash.pop(key.hash, None)
 

@@ -1,9 +1,12 @@
-"""One key's rate limits over the last minute: requests (exact), tokens, and calls in flight.
+"""One key's rate limits over the last minute: requests, tokens, and calls in flight.
 
-Requests are a sliding log of admission times, at most ``rpm`` long, so exactly ``rpm`` requests
-pass in any 60 seconds. Tokens come from real usage when a request ends, kept in one-second
-buckets (at most 60), so a key at its ``tpm`` is refused until enough of them age out; calls
-already admitted may carry it past ``tpm`` (their use is not known in advance).
+Requests and tokens are counted in slots of a tenth of a second (at most 600 a minute, whatever
+the rate), and a slot counts until all of it has left the last 60 seconds. So no more than
+``rpm`` requests are ever admitted in any 60 seconds (a burst of 200 against an rpm of 50 lets
+exactly 50 through); a request may be refused up to a tenth of a second before an exact log of
+times would admit it. Tokens come from real usage when a request ends, so a key at its ``tpm`` is
+refused until enough of them age out; calls already admitted may carry it past ``tpm`` (their use
+is not known in advance).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from collections import deque
 from dataclasses import dataclass
 
 WINDOW = 60.0
+SLOT = 0.1  # seconds a count's slot spans
+SLOTS_PER_SECOND = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,17 +27,68 @@ class Refusal:
     retry_after: float  # seconds
 
 
+class Counts:
+    """What happened in the last minute, in slots: ``[slot, amount]`` pairs, oldest first."""
+
+    __slots__ = ("slots", "total")
+
+    def __init__(self) -> None:
+        self.slots: deque[list[int]] = deque()
+        self.total = 0
+
+    def add(self, now: float, amount: int) -> None:
+        slot = int(now * SLOTS_PER_SECOND)
+        slots = self.slots
+        if slots and slots[-1][0] == slot:
+            slots[-1][1] += amount
+        else:
+            slots.append([slot, amount])
+        self.total += amount
+
+    def prune(self, now: float) -> int:
+        """Drop the slots that have wholly left the window; the total of the rest."""
+        slots = self.slots
+        gone = (now - WINDOW) * SLOTS_PER_SECOND - 1  # a slot s is gone once s + 1 <= that + 1
+        while slots and slots[0][0] <= gone:
+            self.total -= slots.popleft()[1]
+        return self.total
+
+    def free_in(self, now: float, over: int) -> float:
+        """Seconds until ``over`` of the amount has left the window."""
+        for slot, amount in self.slots:
+            over -= amount
+            if over <= 0:
+                return max(0.0, (slot + 1) * SLOT + WINDOW - now)
+        return WINDOW
+
+    def reset(self, now: float) -> float:
+        """Seconds until the oldest slot leaves the window (0 when there is none)."""
+        slots = self.slots
+        return max(0.0, (slots[0][0] + 1) * SLOT + WINDOW - now) if slots else 0.0
+
+
 class RateWindow:
-    __slots__ = ("rpm", "tpm", "max_concurrent", "in_flight", "_times", "_buckets", "_tokens")
+    __slots__ = (
+        "rpm", "tpm", "max_concurrent", "limited", "in_flight", "_requests", "_tokens",
+        "_rpm_header", "_tpm_header",
+    )  # fmt: skip
 
     def __init__(self, rpm: int | None, tpm: int | None, max_concurrent: int | None) -> None:
         self.rpm = rpm
         self.tpm = tpm
         self.max_concurrent = max_concurrent
+        self.limited = rpm is not None or tpm is not None  # has rate-limit headers
+        self._rpm_header = (b"x-ratelimit-limit-requests", str(rpm).encode())
+        self._tpm_header = (b"x-ratelimit-limit-tokens", str(tpm).encode())
         self.in_flight = 0
-        self._times: deque[float] = deque()
-        self._buckets: deque[list[float]] = deque()  # [second, tokens]
-        self._tokens = 0
+        self._requests = Counts()
+        self._tokens = Counts()
+
+    def carry(self, old: RateWindow) -> None:
+        """Keep ``old``'s minute and calls in flight (new limits, same history)."""
+        self.in_flight = old.in_flight
+        self._requests = old._requests
+        self._tokens = old._tokens
 
     def admit(self, now: float) -> Refusal | None:
         """Count a request in, or say which limit it meets and when to retry."""
@@ -42,77 +98,64 @@ class RateWindow:
                 f"this key has {self.in_flight} requests in flight, its max_concurrent",
                 1.0,
             )
-        times = self._times
-        if self.rpm is not None:
-            horizon = now - WINDOW
-            while times and times[0] <= horizon:
-                times.popleft()
-            if len(times) >= self.rpm:
-                wait = times[0] + WINDOW - now
-                return Refusal("rpm", f"this key's limit of {self.rpm} requests per minute "
+        rpm = self.rpm
+        if rpm is not None:
+            requests = self._requests
+            if requests.prune(now) >= rpm:
+                wait = requests.free_in(now, requests.total - rpm + 1)
+                return Refusal("rpm", f"this key's limit of {rpm} requests per minute "
                                "is reached", wait)  # fmt: skip
-        if self.tpm is not None:
-            used = self.tokens_used(now)
-            if used >= self.tpm:
-                return Refusal("tpm", f"this key's limit of {self.tpm} tokens per minute is "
-                               f"reached ({used} used)", self._tokens_free_in(now))  # fmt: skip
-        if self.rpm is not None:
-            times.append(now)
+        tpm = self.tpm
+        if tpm is not None:
+            tokens = self._tokens
+            used = tokens.prune(now)
+            if used >= tpm:
+                return Refusal("tpm", f"this key's limit of {tpm} tokens per minute is "
+                               f"reached ({used} used)",
+                               tokens.free_in(now, used - tpm + 1))  # fmt: skip
+        if rpm is not None:
+            self._requests.add(now, 1)
         self.in_flight += 1
         return None
 
     def done(self, now: float, tokens: int) -> None:
         self.in_flight -= 1
-        if self.tpm is None or tokens <= 0:
-            return
-        second = math.floor(now)
-        buckets = self._buckets
-        if buckets and buckets[-1][0] == second:
-            buckets[-1][1] += tokens
-        else:
-            buckets.append([second, tokens])
-        self._tokens += tokens
+        if self.tpm is not None and tokens > 0:
+            self._tokens.add(now, tokens)
 
     def tokens_used(self, now: float) -> int:
-        buckets = self._buckets
-        horizon = now - WINDOW
-        while buckets and buckets[0][0] + 1 <= horizon:
-            self._tokens -= int(buckets.popleft()[1])
-        return self._tokens
+        return self._tokens.prune(now)
 
-    def _tokens_free_in(self, now: float) -> float:
-        """Seconds until enough tokens age out to be under ``tpm`` again."""
-        assert self.tpm is not None
-        over = self._tokens - self.tpm + 1
-        for second, tokens in self._buckets:
-            over -= int(tokens)
-            if over <= 0:
-                return max(0.0, second + 1 + WINDOW - now)
-        return WINDOW
-
-    def headers(self, now: float) -> list[tuple[bytes, bytes]]:
-        """OpenAI's rate-limit headers, for the limits this key has."""
+    def headers(self, now: float, pruned: bool = False) -> list[tuple[bytes, bytes]]:
+        """OpenAI's rate-limit headers, for the limits this key has (``pruned``: ``admit`` has
+        just dropped what left the window at ``now``)."""
         out: list[tuple[bytes, bytes]] = []
         if self.rpm is not None:
-            times = self._times
-            horizon = now - WINDOW
-            while times and times[0] <= horizon:
-                times.popleft()
-            reset = times[0] + WINDOW - now if times else 0.0
-            out += [
-                (b"x-ratelimit-limit-requests", str(self.rpm).encode()),
-                (b"x-ratelimit-remaining-requests", str(max(0, self.rpm - len(times))).encode()),
-                (b"x-ratelimit-reset-requests", duration(reset).encode()),
-            ]
+            requests = self._requests
+            count = requests.total if pruned else requests.prune(now)
+            out.append(self._rpm_header)
+            out.append((b"x-ratelimit-remaining-requests", b"%d" % max(0, self.rpm - count)))
+            out.append((b"x-ratelimit-reset-requests", _reset(requests.reset(now))))
         if self.tpm is not None:
-            used = self.tokens_used(now)
-            reset = self._buckets[0][0] + 1 + WINDOW - now if self._buckets else 0.0
-            out += [
-                (b"x-ratelimit-limit-tokens", str(self.tpm).encode()),
-                (b"x-ratelimit-remaining-tokens", str(max(0, self.tpm - used)).encode()),
-                (b"x-ratelimit-reset-tokens", duration(max(0.0, reset)).encode()),
-            ]
+            tokens = self._tokens
+            used = tokens.total if pruned else tokens.prune(now)
+            out.append(self._tpm_header)
+            out.append((b"x-ratelimit-remaining-tokens", b"%d" % max(0, self.tpm - used)))
+            out.append((b"x-ratelimit-reset-tokens", _reset(tokens.reset(now))))
         return out
+
+
+_RESETS: dict[int, bytes] = {}  # milliseconds below a second, else whole seconds (negative)
+
+
+def _reset(seconds: float) -> bytes:
+    """``duration`` as header bytes, each distinct value formatted once (a bounded table)."""
+    # milliseconds as themselves, whole seconds (capped at a day) as negatives
+    slot = max(0, math.ceil(seconds * 1000)) if seconds < 1 else -min(math.ceil(seconds), 86_400)
+    shown = _RESETS.get(slot)
+    if shown is None:
+        shown = _RESETS[slot] = duration(seconds if slot >= 0 else -slot).encode()
+    return shown
 
 
 def duration(seconds: float) -> str:

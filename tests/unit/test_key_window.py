@@ -1,15 +1,25 @@
-"""A key's rate window (nexus/keys/window.py) with the time passed in, never read: the exact
-sliding rpm log (rpm requests pass in any 60 s, the next waits for the oldest to leave), tokens per
-minute from real usage in one-second buckets, max_concurrent with done(), OpenAI's x-ratelimit-*
-headers for the limits a key has (none for a key without limits), and how resets are written."""
+"""A key's rate window (nexus/keys/window.py) with the time passed in, never read: requests and
+tokens counted in slots of a tenth of a second, a slot counting until all of it has left the last
+60 s (rpm requests pass in any 60 s, the next waits for the oldest slot to leave, never more than
+rpm in any 60 s), tokens per minute from real usage, max_concurrent with done(), memory bounded
+by the slots, carry() across new limits, OpenAI's x-ratelimit-* headers for the limits a key has
+(none for a key without limits), and how resets are written."""
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 import pytest
 
-from nexus.keys.window import WINDOW, RateWindow, Refusal, duration
+from nexus.keys.window import SLOTS_PER_SECOND, WINDOW, RateWindow, Refusal, duration
 
-T0 = 1_796_000_000.0  # an epoch time, as the key ring's clock gives
+T0 = 1_796_000_000.0  # an epoch time, as the key ring's clock gives (a slot's start: T0 * 10 whole)
+
+
+def secs(expected: float) -> Any:
+    """``expected`` seconds, give or take what T0 * 10 loses of an epoch-sized float."""
+    return pytest.approx(expected, abs=1e-6)
 
 
 def headers(window: RateWindow, now: float) -> dict[str, str]:
@@ -25,38 +35,77 @@ def refused(got: Refusal | None, limit: str) -> Refusal:
 # --- requests per minute ----------------------------------------------------------------------
 
 
-def test_rpm_requests_pass_then_the_next_waits_for_the_oldest_to_leave() -> None:
+def test_rpm_requests_pass_then_the_next_waits_for_the_oldest_slot_to_leave() -> None:
     window = RateWindow(rpm=3, tpm=None, max_concurrent=None)
     for t in (0, 10, 20):
         assert window.admit(T0 + t) is None
 
     refusal = refused(window.admit(T0 + 30), "rpm")
 
-    assert refusal.retry_after == pytest.approx(30.0)  # the one at T0 leaves at T0 + 60
+    assert refusal.retry_after == secs(30.1)  # the slot [T0, T0 + 0.1) leaves at T0 + 60.1
     assert "3 requests per minute" in refusal.message
 
 
-def test_rpm_after_60_seconds_exactly_one_more_passes() -> None:
+def test_rpm_after_the_oldest_slot_leaves_exactly_one_more_passes() -> None:
     window = RateWindow(rpm=3, tpm=None, max_concurrent=None)
     for t in (0, 10, 20):
         assert window.admit(T0 + t) is None
     refused(window.admit(T0 + 59.9), "rpm")
+    # 60 s after the first request its slot still counts: refused up to a tenth of a second early
+    assert refused(window.admit(T0 + WINDOW), "rpm").retry_after == secs(0.1)
 
-    assert window.admit(T0 + WINDOW) is None  # the one at T0 has left
-    again = refused(window.admit(T0 + WINDOW), "rpm")  # the one at T0 + 10 has not
+    assert window.admit(T0 + WINDOW + 0.1) is None  # the slot of T0 has left
+    again = refused(window.admit(T0 + WINDOW + 0.1), "rpm")  # the one of T0 + 10 has not
 
-    assert again.retry_after == pytest.approx(10.0)
+    assert again.retry_after == secs(10.0)  # it leaves at T0 + 70.1
 
 
 def test_rpm_window_slides_over_any_60_seconds() -> None:
     window = RateWindow(rpm=2, tpm=None, max_concurrent=None)
     assert window.admit(T0) is None
-    assert window.admit(T0 + 59.9) is None
+    assert window.admit(T0 + 59.9) is None  # slot [T0 + 59.9, T0 + 60): leaves at T0 + 120
 
-    assert refused(window.admit(T0 + 59.95), "rpm").retry_after == pytest.approx(0.05)
-    assert window.admit(T0 + 60.0) is None
-    assert refused(window.admit(T0 + 60.0), "rpm").retry_after == pytest.approx(59.9)
-    assert window.admit(T0 + 119.9) is None
+    assert refused(window.admit(T0 + 59.95), "rpm").retry_after == secs(0.15)
+    assert refused(window.admit(T0 + 60.0), "rpm").retry_after == secs(0.1)
+    assert window.admit(T0 + 60.1) is None
+    assert refused(window.admit(T0 + 60.1), "rpm").retry_after == secs(59.9)
+    assert refused(window.admit(T0 + 119.95), "rpm").retry_after == secs(0.05)
+    assert window.admit(T0 + 120.0) is None
+
+
+def test_a_burst_lets_exactly_rpm_through() -> None:
+    window = RateWindow(rpm=50, tpm=None, max_concurrent=None)
+
+    burst = [window.admit(T0 + 0.05) for _ in range(200)]
+
+    assert burst.count(None) == 50
+    refusals = [refused(got, "rpm") for got in burst if got is not None]
+    assert len(refusals) == 150
+    assert {round(r.retry_after, 6) for r in refusals} == {60.05}  # all wait for the one slot
+    assert all(window.admit(T0 + 60.05) is not None for _ in range(10))  # still in the minute
+    again = [window.admit(T0 + 60.1) for _ in range(200)]  # the slot has left: 50 more
+    assert again.count(None) == 50
+
+
+def test_never_more_than_rpm_in_any_60_seconds_and_refused_at_most_a_slot_early() -> None:
+    rpm = 20
+    window = RateWindow(rpm=rpm, tpm=None, max_concurrent=None)
+    draw = random.Random(12)
+    admitted: list[float] = []
+    refusals = 0
+    now = T0
+    while now < T0 + 300:
+        now += draw.choice((0.0, 0.013, 0.05, 0.37, 1.9, 4.4))  # bursts and pauses
+        if window.admit(now) is None:
+            # the ones admitted in the 60 s before this one, this one included
+            assert sum(1 for t in admitted if now - t < WINDOW) < rpm
+            admitted.append(now)
+        else:
+            refusals += 1
+            # an exact log would refuse it too, given a tenth of a second's slack
+            assert sum(1 for t in admitted if now - t < WINDOW + 0.1 + 1e-6) >= rpm
+
+    assert refusals > 100 and len(admitted) > 4 * rpm  # both sides of the limit were tried
 
 
 def test_a_refused_request_is_not_counted() -> None:
@@ -68,7 +117,7 @@ def test_a_refused_request_is_not_counted() -> None:
 
     assert window.in_flight == 2
     assert headers(window, T0 + 2)["x-ratelimit-remaining-requests"] == "0"
-    assert window.admit(T0 + 60) is None  # only the first left: one slot, not six
+    assert window.admit(T0 + 60.1) is None  # only the first left: one count, not six
 
 
 # --- tokens per minute ------------------------------------------------------------------------
@@ -77,20 +126,20 @@ def test_a_refused_request_is_not_counted() -> None:
 def test_tpm_refused_once_used_reaches_the_limit_until_those_tokens_age_out() -> None:
     window = RateWindow(rpm=None, tpm=100, max_concurrent=None)
     assert window.admit(T0) is None
-    window.done(T0 + 0.5, 60)  # bucket of second T0
+    window.done(T0 + 0.5, 60)  # slot [T0 + 0.5, T0 + 0.6)
     assert window.admit(T0 + 1) is None  # 60 < 100
-    window.done(T0 + 10.2, 40)  # bucket of second T0 + 10: 100 used
+    window.done(T0 + 10.2, 40)  # slot [T0 + 10.2, T0 + 10.3): 100 used
 
     refusal = refused(window.admit(T0 + 11), "tpm")
 
-    assert refusal.retry_after == pytest.approx(50.0)  # second T0 ends at T0 + 1, then 60 s
+    assert refusal.retry_after == secs(49.6)  # the first slot ends at T0 + 0.6, then 60 s
     assert "100 tokens per minute" in refusal.message and "100 used" in refusal.message
-    assert refused(window.admit(T0 + 60.9), "tpm").retry_after == pytest.approx(0.1)
-    assert window.admit(T0 + 61) is None  # 40 left in the minute
-    assert window.tokens_used(T0 + 61) == 40
+    assert refused(window.admit(T0 + 60.5), "tpm").retry_after == secs(0.1)
+    assert window.admit(T0 + 60.6) is None  # 40 left in the minute
+    assert window.tokens_used(T0 + 60.6) == 40
 
 
-def test_tpm_retry_waits_for_as_many_buckets_as_needed() -> None:
+def test_tpm_retry_waits_for_as_many_slots_as_needed() -> None:
     window = RateWindow(rpm=None, tpm=100, max_concurrent=None)
     for t, tokens in ((0, 10), (5, 30), (10, 80)):  # 120 used: 21 must leave
         window.admit(T0 + t)
@@ -98,20 +147,23 @@ def test_tpm_retry_waits_for_as_many_buckets_as_needed() -> None:
 
     refusal = refused(window.admit(T0 + 20), "tpm")
 
-    assert refusal.retry_after == pytest.approx(46.0)  # the buckets of T0 and T0 + 5 must go
-    assert refused(window.admit(T0 + 65.9), "tpm").retry_after == pytest.approx(0.1)  # 110 left
-    assert window.admit(T0 + 66) is None  # 80 left
+    assert refusal.retry_after == secs(45.1)  # the slots of T0 and T0 + 5 must go
+    assert refused(window.admit(T0 + 65.0), "tpm").retry_after == secs(0.1)  # 110 left
+    assert window.admit(T0 + 65.1) is None  # 80 left
+    assert window.tokens_used(T0 + 65.1) == 80
 
 
-def test_tpm_tokens_of_one_second_share_a_bucket() -> None:
+def test_tpm_tokens_of_one_tenth_of_a_second_share_a_slot() -> None:
     window = RateWindow(rpm=None, tpm=100, max_concurrent=None)
-    for t in (3.2, 3.7):
+    for t in (3.22, 3.27):  # both in [T0 + 3.2, T0 + 3.3)
         window.admit(T0 + t)
         window.done(T0 + t, 50)
 
-    assert refused(window.admit(T0 + 4), "tpm").retry_after == pytest.approx(60.0)
-    assert window.admit(T0 + 64) is None  # both leave at the same time
-    assert window.tokens_used(T0 + 64) == 0
+    assert len(window._tokens.slots) == 1
+    assert refused(window.admit(T0 + 4), "tpm").retry_after == secs(59.3)
+    assert refused(window.admit(T0 + 63.25), "tpm").retry_after == secs(0.05)  # both still in
+    assert window.admit(T0 + 63.3) is None  # both leave at the same time
+    assert window.tokens_used(T0 + 63.3) == 0
 
 
 def test_tpm_calls_already_admitted_may_carry_it_past_the_limit() -> None:
@@ -178,7 +230,7 @@ def test_headers_for_rpm_only() -> None:
     assert window.headers(T0 + 30) == [
         (b"x-ratelimit-limit-requests", b"10"),
         (b"x-ratelimit-remaining-requests", b"7"),
-        (b"x-ratelimit-reset-requests", b"30s"),  # until the oldest leaves
+        (b"x-ratelimit-reset-requests", b"31s"),  # 30.1 s until the oldest slot leaves, rounded up
     ]
 
 
@@ -204,16 +256,35 @@ def test_headers_for_rpm_and_tpm_follow_the_window() -> None:
     assert headers(window, T0 + 30.5) == {
         "x-ratelimit-limit-requests": "5",
         "x-ratelimit-remaining-requests": "3",
-        "x-ratelimit-reset-requests": "30s",  # 29.5 s, rounded up
+        "x-ratelimit-reset-requests": "30s",  # 29.6 s until T0 + 60.1, rounded up
         "x-ratelimit-limit-tokens": "100",
         "x-ratelimit-remaining-tokens": "40",
-        "x-ratelimit-reset-tokens": "31s",  # second T0 leaves at T0 + 61
+        "x-ratelimit-reset-tokens": "31s",  # 30.1 s: the slot of T0 + 0.5 leaves at T0 + 60.6
     }
     later = headers(window, T0 + 61)  # the first request and its tokens have left
     assert later["x-ratelimit-remaining-requests"] == "4"
-    assert later["x-ratelimit-reset-requests"] == "30s"  # 29.25 s until T0 + 30.25 leaves
+    assert later["x-ratelimit-reset-requests"] == "30s"  # 29.3 s until T0 + 30.2's slot leaves
     assert later["x-ratelimit-remaining-tokens"] == "100"
     assert later["x-ratelimit-reset-tokens"] == "0ms"
+
+
+def test_headers_right_after_admit_need_no_second_pruning() -> None:
+    window = RateWindow(rpm=3, tpm=100, max_concurrent=None)
+    window.admit(T0)
+    window.done(T0 + 0.5, 70)
+    window.admit(T0 + 20)
+
+    assert window.admit(T0 + 61) is None  # drops the request of T0 and the 70 tokens
+
+    assert window.headers(T0 + 61, pruned=True) == window.headers(T0 + 61)
+    assert headers(window, T0 + 61) == {
+        "x-ratelimit-limit-requests": "3",
+        "x-ratelimit-remaining-requests": "1",
+        "x-ratelimit-reset-requests": "20s",  # 19.1 s until T0 + 20's slot leaves, rounded up
+        "x-ratelimit-limit-tokens": "100",
+        "x-ratelimit-remaining-tokens": "100",
+        "x-ratelimit-reset-tokens": "0ms",
+    }
 
 
 def test_headers_only_for_the_limits_the_key_has() -> None:
@@ -233,6 +304,46 @@ def test_a_key_without_limits_gives_no_headers_and_is_never_refused() -> None:
 
     assert window.headers(T0 + 10) == []
     assert window.in_flight == 0
+
+
+# --- memory and new limits -------------------------------------------------------------------
+
+
+def test_memory_stays_bounded_by_the_slots_of_a_minute() -> None:
+    window = RateWindow(rpm=1_000_000, tpm=1_000_000_000, max_concurrent=None)
+    count = 100_000
+    for i in range(count):  # spread over 60 s
+        now = T0 + i * WINDOW / count
+        assert window.admit(now) is None
+        window.done(now, 3)
+
+    assert len(window._requests.slots) <= WINDOW * SLOTS_PER_SECOND == 600
+    assert len(window._tokens.slots) <= 600
+    end = T0 + WINDOW - 0.05
+    assert headers(window, end)["x-ratelimit-remaining-requests"] == str(1_000_000 - count)
+    assert window.tokens_used(end) == 3 * count  # every one still counted, in few slots
+
+
+def test_carry_keeps_the_minute_and_the_calls_in_flight() -> None:
+    old = RateWindow(rpm=3, tpm=100, max_concurrent=None)
+    for t in (0, 10, 20):
+        assert old.admit(T0 + t) is None
+    old.done(T0 + 21, 60)  # two still in flight
+    new = RateWindow(rpm=5, tpm=50, max_concurrent=2)  # a PATCH: new limits
+
+    new.carry(old)
+
+    assert new.in_flight == 2
+    refused(new.admit(T0 + 30), "max_concurrent")  # the two carried calls fill it
+    new.done(T0 + 30, 0)
+    refusal = refused(new.admit(T0 + 30), "tpm")  # 60 carried tokens, over the new 50
+    assert refusal.retry_after == secs(51.1)  # the slot of T0 + 21 leaves at T0 + 81.1
+    assert headers(new, T0 + 30)["x-ratelimit-remaining-requests"] == "2"  # 3 carried of 5
+
+    more = RateWindow(rpm=4, tpm=None, max_concurrent=None)
+    more.carry(new)
+    assert more.admit(T0 + 31) is None  # the fourth in the minute
+    assert refused(more.admit(T0 + 31), "rpm").retry_after == secs(29.1)  # T0's slot: T0 + 60.1
 
 
 # --- how resets are written -----------------------------------------------------------------

@@ -188,13 +188,16 @@ class KeyRing:
         if now >= self.next_month:
             self._roll(now)
         key.window.done(now, prompt + completion)
+        usage = key.usage
+        usage.requests += 1
+        usage.prompt_tokens += prompt
+        usage.completion_tokens += completion
         pending = self._pending.get(key.name)
         if pending is None:
             pending = self._pending[key.name] = Usage()
-        for usage in (key.usage, pending):
-            usage.requests += 1
-            usage.prompt_tokens += prompt
-            usage.completion_tokens += completion
+        pending.requests += 1
+        pending.prompt_tokens += prompt
+        pending.completion_tokens += completion
         if self._timer is None:
             self._schedule()
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 WINDOW = 60.0
 SLOT = 0.1  # seconds a count's slot spans
 SLOTS_PER_SECOND = 10
+WINDOW_SLOTS = 600
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,11 +31,12 @@ class Refusal:
 class Counts:
     """What happened in the last minute, in slots: ``[slot, amount]`` pairs, oldest first."""
 
-    __slots__ = ("slots", "total")
+    __slots__ = ("slots", "total", "pruned_at")
 
     def __init__(self) -> None:
         self.slots: deque[list[int]] = deque()
         self.total = 0
+        self.pruned_at = -1  # the slot of the last prune: nothing can leave until the next
 
     def add(self, now: float, amount: int) -> None:
         slot = int(now * SLOTS_PER_SECOND)
@@ -47,8 +49,14 @@ class Counts:
 
     def prune(self, now: float) -> int:
         """Drop the slots that have wholly left the window; the total of the rest."""
+        slot = int(now * SLOTS_PER_SECOND)
+        if slot == self.pruned_at:
+            return self.total
+        self.pruned_at = slot
+        # Slot s spans [s, s + 1) tenths; it has left (now - 60, now] once s + 1 <= now*10 - 600,
+        # that is once s <= slot - 601 (s is whole).
+        gone = slot - WINDOW_SLOTS - 1
         slots = self.slots
-        gone = (now - WINDOW) * SLOTS_PER_SECOND - 1  # a slot s is gone once s + 1 <= that + 1
         while slots and slots[0][0] <= gone:
             self.total -= slots.popleft()[1]
         return self.total

@@ -74,6 +74,18 @@ class Counts:
         slots = self.slots
         return max(0.0, (slots[0][0] + 1) * SLOT + WINDOW - now) if slots else 0.0
 
+    def reset_header(self, name: bytes, now: float) -> tuple[bytes, bytes]:
+        """``name: reset`` with the reset counted from the start of ``now``'s slot (at most a
+        tenth of a second more than ``reset``), so that one header serves a whole slot."""
+        slots = self.slots
+        tenths = (
+            max(0, slots[0][0] + 1 + WINDOW_SLOTS - int(now * SLOTS_PER_SECOND)) if slots else 0
+        )
+        header = _RESET_HEADERS.get((name, tenths))
+        if header is None:
+            header = _RESET_HEADERS[(name, tenths)] = (name, _tenths_text(tenths).encode())
+        return header
+
 
 class RateWindow:
     __slots__ = (
@@ -143,27 +155,23 @@ class RateWindow:
             count = requests.total if pruned else requests.prune(now)
             out.append(self._rpm_header)
             out.append((b"x-ratelimit-remaining-requests", b"%d" % max(0, self.rpm - count)))
-            out.append((b"x-ratelimit-reset-requests", _reset(requests.reset(now))))
+            out.append(requests.reset_header(b"x-ratelimit-reset-requests", now))
         if self.tpm is not None:
             tokens = self._tokens
             used = tokens.total if pruned else tokens.prune(now)
             out.append(self._tpm_header)
             out.append((b"x-ratelimit-remaining-tokens", b"%d" % max(0, self.tpm - used)))
-            out.append((b"x-ratelimit-reset-tokens", _reset(tokens.reset(now))))
+            out.append(tokens.reset_header(b"x-ratelimit-reset-tokens", now))
         return out
 
 
-_RESETS: dict[int, bytes] = {}  # milliseconds below a second, else whole seconds (negative)
+# (header name, tenths of a second) -> the header: at most 2 x 601 entries
+_RESET_HEADERS: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}
 
 
-def _reset(seconds: float) -> bytes:
-    """``duration`` as header bytes, each distinct value formatted once (a bounded table)."""
-    # milliseconds as themselves, whole seconds (capped at a day) as negatives
-    slot = max(0, math.ceil(seconds * 1000)) if seconds < 1 else -min(math.ceil(seconds), 86_400)
-    shown = _RESETS.get(slot)
-    if shown is None:
-        shown = _RESETS[slot] = duration(seconds if slot >= 0 else -slot).encode()
-    return shown
+def _tenths_text(tenths: int) -> str:
+    """A reset of ``tenths`` tenths of a second as OpenAI writes resets (``100ms``, ``31s``)."""
+    return f"{tenths * 100}ms" if tenths < SLOTS_PER_SECOND else duration(tenths / SLOTS_PER_SECOND)
 
 
 def duration(seconds: float) -> str:

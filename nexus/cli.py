@@ -379,26 +379,16 @@ def keys_create(
 @live
 def keys_list(url: str | None, config_path: str | None, as_json: bool) -> None:
     """Show every key: prefix, owner, models, limits, this month's usage, expiry, revocation."""
-    client = connect(url, config_path)
-    answer = client.get("/admin/keys")
-    rows = [_with_usage(client, key) for key in answer.get("data", [])]
+    answer = connect(url, config_path).get("/admin/keys")
+    rows = answer.get("data", [])  # each with its month to date
     if as_json:
-        cli_client.print_json({**answer, "data": rows})
+        cli_client.print_json(answer)
         return
     out = cli_client.console()
     if not rows:
         out.print("No keys. Create one with: nexus keys create NAME")
         return
     out.print(cli_keys.keys_table(rows))
-
-
-def _with_usage(client: NexusClient, key: dict[str, Any]) -> dict[str, Any]:
-    """The key as ``GET /admin/keys/{name}`` shows it (with its month to date); the listed view
-    if it went away in between."""
-    try:
-        return client.key(str(key.get("name", "")))
-    except CliError:
-        return key
 
 
 @keys.command("update")

@@ -110,9 +110,6 @@ class NexusClient:
     def create_key(self, body: Mapping[str, Any]) -> dict[str, Any]:
         return self.request("POST", "/admin/keys", dict(body))
 
-    def key(self, name: str) -> dict[str, Any]:
-        return self.request("GET", _key_path(name))
-
     def update_key(self, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
         return self.request("PATCH", _key_path(name), dict(body))
 

@@ -43,7 +43,8 @@ class AdminKeys:
             if method == "POST":
                 await self._create(ring, scope, receive, send)
             else:
-                views = [_view(key) for key in sorted(ring, key=lambda k: k.name)]
+                keys = sorted(ring, key=lambda k: k.name)
+                views = [_view(key, usage=True) for key in keys]
                 await send_json(send, 200, dumps({"object": "list", "data": views}))
             return
         key = ring.get(name)
@@ -101,7 +102,7 @@ class OwnUsage:
         ring = _ring(gateway)
         ring.roll()
         now = ring.clock()
-        rate = {name.decode(): value.decode() for name, value in key.window.headers(now)}
+        requests_left, tokens_left = key.window.remaining(now)
         limits = key.limits
         body = {
             "key": key.name,
@@ -112,8 +113,8 @@ class OwnUsage:
                 "monthly_budget_usd": None
                 if limits.monthly_budget_usd is None
                 else round(max(0.0, limits.monthly_budget_usd - key.usage.cost_usd), 8),
-                "requests_this_minute": _int(rate.get("x-ratelimit-remaining-requests")),
-                "tokens_this_minute": _int(rate.get("x-ratelimit-remaining-tokens")),
+                "requests_this_minute": requests_left,
+                "tokens_this_minute": tokens_left,
             },
             "in_flight": key.window.in_flight,
             "time": int(time.time()),
@@ -153,7 +154,3 @@ def _view(key: ClientKey, usage: bool = False) -> dict[str, Any]:
         view["usage"] = key.usage.view()
         view["in_flight"] = key.window.in_flight
     return view
-
-
-def _int(value: str | None) -> int | None:
-    return None if value is None else int(value)

@@ -162,9 +162,6 @@ class KeyRing:
     def get(self, name: str) -> ClientKey | None:
         return self._by_name.get(name)
 
-    def names(self) -> set[str]:
-        return set(self._by_name)
-
     # --- the request path -----------------------------------------------------------------
     def find(self, secret: str) -> ClientKey | None:
         """The live key ``secret`` is: known, not revoked, not expired."""

@@ -69,14 +69,10 @@ class Counts:
                 return max(0.0, (slot + 1) * SLOT + WINDOW - now)
         return WINDOW
 
-    def reset(self, now: float) -> float:
-        """Seconds until the oldest slot leaves the window (0 when there is none)."""
-        slots = self.slots
-        return max(0.0, (slots[0][0] + 1) * SLOT + WINDOW - now) if slots else 0.0
-
     def reset_header(self, name: bytes, now: float) -> tuple[bytes, bytes]:
-        """``name: reset`` with the reset counted from the start of ``now``'s slot (at most a
-        tenth of a second more than ``reset``), so that one header serves a whole slot."""
+        """``name: reset``, the time until the oldest slot leaves the window, counted from the
+        start of ``now``'s slot (at most a tenth of a second long), so that one header serves a
+        whole slot."""
         slots = self.slots
         tenths = (
             max(0, slots[0][0] + 1 + WINDOW_SLOTS - int(now * SLOTS_PER_SECOND)) if slots else 0
@@ -145,6 +141,12 @@ class RateWindow:
 
     def tokens_used(self, now: float) -> int:
         return self._tokens.prune(now)
+
+    def remaining(self, now: float) -> tuple[int | None, int | None]:
+        """Requests and tokens left this minute (None for a limit the key does not have)."""
+        requests = None if self.rpm is None else max(0, self.rpm - self._requests.prune(now))
+        tokens = None if self.tpm is None else max(0, self.tpm - self._tokens.prune(now))
+        return requests, tokens
 
     def headers(self, now: float, pruned: bool = False) -> list[tuple[bytes, bytes]]:
         """OpenAI's rate-limit headers, for the limits this key has (``pruned``: ``admit`` has

@@ -17,17 +17,20 @@ import asyncio
 import contextlib
 import logging
 import resource
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import httptools
 import orjson
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 from websockets.server import ServerProtocol
 
+from .api.http import RAW_HEAD
 from .config import ServerSettings
 from .errors import (
     HeadTooLarge,
@@ -37,6 +40,7 @@ from .errors import (
     TooManyConnections,
     error_envelope,
 )
+from .server_cycle import NexusCycle
 
 log = logging.getLogger("nexus.server")
 
@@ -45,6 +49,7 @@ FD_RESERVE = 256  # descriptors kept for logs, state, discovery and the listenin
 WARN_EVERY = 10.0  # seconds between two warnings that the connection cap is reached
 
 Phase = Literal["head", "body", "idle"]
+_EXTENSIONS: dict[str, dict[object, object]] = {RAW_HEAD: {}}  # what this server offers, shared
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +83,9 @@ class NexusHTTPProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Nexus logs requests itself (``nexus.access``); uvicorn's access log is off even where
+        # its logger has handlers (uvicorn decides by those, e.g. under a test's log capture).
+        self.access_log = False
         self._phase: Phase = "head"
         self._head_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -134,6 +142,7 @@ class NexusHTTPProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         HttpToolsProtocol.on_message_begin(self)
+        self.scope["extensions"] = _EXTENSIONS
         self._phase = "head"
         self._head_bytes = 0
 
@@ -154,11 +163,54 @@ class NexusHTTPProtocol(HttpToolsProtocol):
                 )
             )
             raise _Stop
-        # The phase moves on only once the request's cycle exists: the parent may still refuse
-        # the head (a URL too long), and that refusal must answer this request, not a cycle's.
-        HttpToolsProtocol.on_headers_complete(self)
+        # The phase moves on only once the request's cycle exists: the URL may still be refused
+        # (too long), and that refusal must answer this request, not a cycle's.
+        self._begin_cycle()
         self._phase = "body"
         self._head_bytes = 0
+
+    def _begin_cycle(self) -> None:
+        """uvicorn's own ``on_headers_complete`` (0.54), but the cycle is a ``NexusCycle``
+        (made as one: changing an object's class later slows every attribute read on it)."""
+        scope = self.scope
+        http_version = self.parser.get_http_version()
+        scope["method"] = self.parser.get_method().decode("ascii")
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        if self.parser.should_upgrade() and self._should_upgrade():
+            return
+        url = httptools.parse_url(self.url)
+        raw_path = url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        scope["path"] = self.root_path + path
+        scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+        scope["query_string"] = url.query or b""
+        app = self.app
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        existing = self.cycle
+        self.cycle = NexusCycle(
+            scope=scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and self.parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        if existing is None or existing.response_complete:
+            self._start_asgi_task(self.cycle, app)
+        else:  # pipelined: queued behind the request being answered
+            self.flow.pause_reading()
+            self.pipeline.appendleft((self.cycle, app))
 
     def on_message_complete(self) -> None:
         if self._timer is not None:

@@ -16,6 +16,8 @@ from starlette.types import Scope
 from ..errors import RateLimited, Unauthorized
 from ..keys.ring import ClientKey, KeyRing
 from ..keys.tokens import MAX_KEY_LENGTH, hash_of
+from ..keys.window import Refusal
+from .http import header_pairs
 
 KEY_SCOPE = "nexus.client_key"
 MODELS_PATH = "/v1/models"
@@ -73,25 +75,26 @@ class Auth:
             self._seen.clear()
         self._seen[bytes(first)] = key
 
-    def admit(self, key: ClientKey) -> list[tuple[bytes, bytes]]:
-        """Count the request against the key's limits and answer its rate-limit headers, or
-        refuse it with when to retry."""
+    def admit(self, key: ClientKey) -> bytes:
+        """Count the request against the key's limits and answer its rate-limit header lines,
+        or refuse it with when to retry."""
         ring = self.ring
         now = ring.clock()
         if now >= ring.next_month:
             ring.roll()  # the key's budget is this month's before anything reserves from it
         window = key.window
-        refusal = window.admit(now)
-        if refusal is not None:
-            error = RateLimited(f"Rate limit reached: {refusal.message}", refusal.retry_after)
-            error.extra_headers = {k.decode(): v.decode() for k, v in window.headers(now)}
-            raise error
-        return window.headers(now, pruned=True) if window.limited else []
+        got = window.admit(now)
+        if type(got) is bytes:
+            return got
+        assert isinstance(got, Refusal)
+        error = RateLimited(f"Rate limit reached: {got.message}", got.retry_after)
+        pairs = header_pairs(window.head(now))
+        error.extra_headers = {name.decode(): value.decode() for name, value in pairs}
+        raise error
 
-    def headers(self, key: ClientKey) -> list[tuple[bytes, bytes]]:
-        """The rate-limit headers of a key whose request was not counted (``/v1/models``)."""
-        window = key.window
-        return window.headers(self.ring.clock()) if window.limited else []
+    def head(self, key: ClientKey) -> bytes:
+        """The rate-limit header lines of a key whose request was not counted (``/v1/models``)."""
+        return key.window.head(self.ring.clock())
 
 
 def _first_credential(headers: list[tuple[bytes, bytes]]) -> bytes | None:

@@ -11,6 +11,19 @@ from ..errors import InvalidRequest, JSONDict, PayloadTooLarge
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
 JSON_TYPE = (b"content-type", b"application/json")
+# An ASGI extension of Nexus's own HTTP server (``scope["extensions"]``): a response start may
+# carry, under this key, header lines Nexus made itself (``name: value\r\n`` each, checked when
+# made), written as they are. Under any other server they go in ``headers``.
+RAW_HEAD = "nexus.raw_head"
+
+
+def header_pairs(lines: bytes) -> list[tuple[bytes, bytes]]:
+    """Header lines (``name: value\\r\\n`` each) as ``(name, value)`` pairs."""
+    return [
+        (name, value)
+        for name, _, value in (line.partition(b": ") for line in lines.split(b"\r\n"))
+        if name
+    ]
 
 
 class ClientGone(Exception):

@@ -29,7 +29,7 @@ from ..keys.ring import ClientKey
 from ..telemetry.outcomes import Outcome, Trace, outcome_of
 from .auth import KEY_SCOPE, Auth
 from .guard import Guard
-from .http import ClientGone, send_json
+from .http import RAW_HEAD, ClientGone, header_pairs, send_json
 
 REQUEST_ID_KEY = "nexus.request_id"
 TRACE_KEY = "nexus.trace"
@@ -69,15 +69,16 @@ class GatewayMiddleware:
 
         start: list[Message] = []
         key: ClientKey | None = None
-        rate: list[tuple[bytes, bytes]] = []  # a keyed request's x-ratelimit-* headers
+        rate = b""  # a keyed request's x-ratelimit-* header lines
+        raw_head = RAW_HEAD in (scope.get("extensions") or ())
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [
-                    *message.get("headers", ()),
-                    (b"x-request-id", request_id),
-                    *rate,
-                ]
+                lines = b"x-request-id: " + request_id + b"\r\n" + rate
+                if raw_head:  # the request id is safe (``_SAFE_ID`` or ours), the rest is ours
+                    message[RAW_HEAD] = lines
+                else:
+                    message["headers"] = [*message.get("headers", ()), *header_pairs(lines)]
                 start.append(message)
             await send(message)
 
@@ -88,7 +89,7 @@ class GatewayMiddleware:
         auth = self.auth
         limited: ClientKey | None = None  # a known key its limits refused
         if refusal is None and auth is not None and scope["path"] in auth.paths:
-            refusal, key, limited, rate[:] = _keyed(auth, scope)
+            refusal, key, limited, rate = _keyed(auth, scope)
         if refusal is not None:
             log.debug("refused %s %s: %s", scope["method"], scope["path"], refusal.message)
             status, body = render(refusal, scope[REQUEST_ID_KEY])
@@ -181,7 +182,7 @@ class GatewayMiddleware:
         await self.app(scope, receive, send)
 
 
-Keyed = tuple[NexusError | None, ClientKey | None, ClientKey | None, list[tuple[bytes, bytes]]]
+Keyed = tuple[NexusError | None, ClientKey | None, ClientKey | None, bytes]
 
 
 def _keyed(auth: Auth, scope: Scope) -> Keyed:
@@ -190,13 +191,13 @@ def _keyed(auth: Auth, scope: Scope) -> Keyed:
     try:
         key = auth.identify(scope)
     except NexusError as exc:
-        return exc, None, None, []
+        return exc, None, None, b""
     if scope["path"] not in auth.inference:
-        return None, key, None, auth.headers(key)
+        return None, key, None, auth.head(key)
     try:
         return None, key, None, auth.admit(key)
     except NexusError as exc:
-        return exc, None, key, []
+        return exc, None, key, b""
 
 
 Render = Callable[[NexusError, str], tuple[int, bytes]]

@@ -38,8 +38,7 @@ class Counts:
         self.total = 0
         self.pruned_at = -1  # the slot of the last prune: nothing can leave until the next
 
-    def add(self, now: float, amount: int) -> None:
-        slot = int(now * SLOTS_PER_SECOND)
+    def add(self, slot: int, amount: int) -> None:
         slots = self.slots
         if slots and slots[-1][0] == slot:
             slots[-1][1] += amount
@@ -47,9 +46,8 @@ class Counts:
             slots.append([slot, amount])
         self.total += amount
 
-    def prune(self, now: float) -> int:
-        """Drop the slots that have wholly left the window; the total of the rest."""
-        slot = int(now * SLOTS_PER_SECOND)
+    def prune(self, slot: int) -> int:
+        """Drop the slots that have wholly left the window at ``slot``; the total of the rest."""
         if slot == self.pruned_at:
             return self.total
         self.pruned_at = slot
@@ -69,33 +67,31 @@ class Counts:
                 return max(0.0, (slot + 1) * SLOT + WINDOW - now)
         return WINDOW
 
-    def reset_header(self, name: bytes, now: float) -> tuple[bytes, bytes]:
-        """``name: reset``, the time until the oldest slot leaves the window, counted from the
-        start of ``now``'s slot (at most a tenth of a second long), so that one header serves a
-        whole slot."""
+    def reset(self, slot: int) -> bytes:
+        """When the oldest slot leaves the window, as OpenAI writes resets (``1m0s``), counted
+        from the start of ``slot``, the current one (at most a tenth of a second early), so
+        that one text serves a whole slot."""
         slots = self.slots
-        tenths = (
-            max(0, slots[0][0] + 1 + WINDOW_SLOTS - int(now * SLOTS_PER_SECOND)) if slots else 0
-        )
-        header = _RESET_HEADERS.get((name, tenths))
-        if header is None:
-            header = _RESET_HEADERS[(name, tenths)] = (name, _tenths_text(tenths).encode())
-        return header
+        if not slots:
+            return _RESETS[0]
+        tenths = slots[0][0] + 1 + WINDOW_SLOTS - slot
+        if 0 <= tenths < len(_RESETS):
+            return _RESETS[tenths]
+        return _tenths_text(max(0, tenths)).encode()  # the clock went back
 
 
 class RateWindow:
     __slots__ = (
-        "rpm", "tpm", "max_concurrent", "limited", "in_flight", "_requests", "_tokens",
-        "_rpm_header", "_tpm_header",
+        "rpm", "tpm", "max_concurrent", "in_flight", "_requests", "_tokens", "_head",
     )  # fmt: skip
 
     def __init__(self, rpm: int | None, tpm: int | None, max_concurrent: int | None) -> None:
         self.rpm = rpm
         self.tpm = tpm
         self.max_concurrent = max_concurrent
-        self.limited = rpm is not None or tpm is not None  # has rate-limit headers
-        self._rpm_header = (b"x-ratelimit-limit-requests", str(rpm).encode())
-        self._tpm_header = (b"x-ratelimit-limit-tokens", str(tpm).encode())
+        self._head = (_REQUESTS % rpm if rpm is not None else b"") + (
+            _TOKENS % tpm if tpm is not None else b""
+        )
         self.in_flight = 0
         self._requests = Counts()
         self._tokens = Counts()
@@ -106,69 +102,78 @@ class RateWindow:
         self._requests = old._requests
         self._tokens = old._tokens
 
-    def admit(self, now: float) -> Refusal | None:
-        """Count a request in, or say which limit it meets and when to retry."""
+    def admit(self, now: float) -> Refusal | bytes:
+        """Count a request in and answer the key's rate-limit header lines (``head``); or say
+        which limit it meets and when to retry."""
         if self.max_concurrent is not None and self.in_flight >= self.max_concurrent:
             return Refusal(
                 "max_concurrent",
                 f"this key has {self.in_flight} requests in flight, its max_concurrent",
                 1.0,
             )
-        rpm = self.rpm
+        rpm, tpm = self.rpm, self.tpm
+        if rpm is None and tpm is None:
+            self.in_flight += 1
+            return b""
+        slot = int(now * SLOTS_PER_SECOND)
+        requests, tokens = self._requests, self._tokens
+        count = left = 0
         if rpm is not None:
-            requests = self._requests
-            if requests.prune(now) >= rpm:
-                wait = requests.free_in(now, requests.total - rpm + 1)
-                return Refusal("rpm", f"this key's limit of {rpm} requests per minute "
-                               "is reached", wait)  # fmt: skip
-        tpm = self.tpm
+            count = requests.prune(slot)
+            if count >= rpm:
+                return Refusal("rpm", f"this key's limit of {rpm} requests per minute is "
+                               "reached", requests.free_in(now, count - rpm + 1))  # fmt: skip
         if tpm is not None:
-            tokens = self._tokens
-            used = tokens.prune(now)
+            used = tokens.prune(slot)
             if used >= tpm:
                 return Refusal("tpm", f"this key's limit of {tpm} tokens per minute is "
                                f"reached ({used} used)",
                                tokens.free_in(now, used - tpm + 1))  # fmt: skip
-        if rpm is not None:
-            self._requests.add(now, 1)
+            left = tpm - used
         self.in_flight += 1
-        return None
+        if rpm is None:
+            return self._head % (left, tokens.reset(slot))
+        requests.add(slot, 1)
+        if tpm is None:
+            return self._head % (rpm - count - 1, requests.reset(slot))
+        return self._head % (rpm - count - 1, requests.reset(slot), left, tokens.reset(slot))
 
     def done(self, now: float, tokens: int) -> None:
         self.in_flight -= 1
         if self.tpm is not None and tokens > 0:
-            self._tokens.add(now, tokens)
+            self._tokens.add(int(now * SLOTS_PER_SECOND), tokens)
 
     def tokens_used(self, now: float) -> int:
-        return self._tokens.prune(now)
+        return self._tokens.prune(int(now * SLOTS_PER_SECOND))
 
     def remaining(self, now: float) -> tuple[int | None, int | None]:
         """Requests and tokens left this minute (None for a limit the key does not have)."""
-        requests = None if self.rpm is None else max(0, self.rpm - self._requests.prune(now))
-        tokens = None if self.tpm is None else max(0, self.tpm - self._tokens.prune(now))
+        slot = int(now * SLOTS_PER_SECOND)
+        requests = None if self.rpm is None else max(0, self.rpm - self._requests.prune(slot))
+        tokens = None if self.tpm is None else max(0, self.tpm - self._tokens.prune(slot))
         return requests, tokens
 
-    def headers(self, now: float, pruned: bool = False) -> list[tuple[bytes, bytes]]:
-        """OpenAI's rate-limit headers, for the limits this key has (``pruned``: ``admit`` has
-        just dropped what left the window at ``now``)."""
-        out: list[tuple[bytes, bytes]] = []
+    def head(self, now: float) -> bytes:
+        """OpenAI's rate-limit headers for the limits this key has, as header lines
+        (``name: value\\r\\n``), without counting a request."""
+        slot = int(now * SLOTS_PER_SECOND)
+        parts: list[int | bytes] = []
         if self.rpm is not None:
-            requests = self._requests
-            count = requests.total if pruned else requests.prune(now)
-            out.append(self._rpm_header)
-            out.append((b"x-ratelimit-remaining-requests", b"%d" % max(0, self.rpm - count)))
-            out.append(requests.reset_header(b"x-ratelimit-reset-requests", now))
+            parts += (max(0, self.rpm - self._requests.prune(slot)), self._requests.reset(slot))
         if self.tpm is not None:
-            tokens = self._tokens
-            used = tokens.total if pruned else tokens.prune(now)
-            out.append(self._tpm_header)
-            out.append((b"x-ratelimit-remaining-tokens", b"%d" % max(0, self.tpm - used)))
-            out.append(tokens.reset_header(b"x-ratelimit-reset-tokens", now))
-        return out
+            parts += (max(0, self.tpm - self._tokens.prune(slot)), self._tokens.reset(slot))
+        return self._head % tuple(parts) if parts else b""
 
 
-# (header name, tenths of a second) -> the header: at most 2 x 601 entries
-_RESET_HEADERS: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}
+# Header lines with the limit filled in; what remains and when it resets are filled per answer.
+_REQUESTS = (
+    b"x-ratelimit-limit-requests: %d\r\n"
+    b"x-ratelimit-remaining-requests: %%d\r\nx-ratelimit-reset-requests: %%s\r\n"
+)
+_TOKENS = (
+    b"x-ratelimit-limit-tokens: %d\r\n"
+    b"x-ratelimit-remaining-tokens: %%d\r\nx-ratelimit-reset-tokens: %%s\r\n"
+)
 
 
 def _tenths_text(tenths: int) -> str:
@@ -183,3 +188,7 @@ def duration(seconds: float) -> str:
     whole = math.ceil(seconds)
     minutes, rest = divmod(whole, 60)
     return f"{minutes}m{rest}s" if minutes else f"{rest}s"
+
+
+# a reset of i tenths of a second; a pruned window's oldest slot leaves within 601
+_RESETS = [_tenths_text(tenths).encode() for tenths in range(WINDOW_SLOTS + 2)]

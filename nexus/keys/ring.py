@@ -45,6 +45,17 @@ class Usage:
     completion_tokens: int = 0
     cost_usd: float = 0.0
 
+    def minus(self, other: Usage) -> Usage:
+        return Usage(
+            self.requests - other.requests,
+            self.prompt_tokens - other.prompt_tokens,
+            self.completion_tokens - other.completion_tokens,
+            self.cost_usd - other.cost_usd,
+        )
+
+    def copy(self) -> Usage:
+        return Usage(self.requests, self.prompt_tokens, self.completion_tokens, self.cost_usd)
+
     def view(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
@@ -65,6 +76,7 @@ class ClientKey:
     created_at: float
     revoked_at: float | None = None
     usage: Usage = field(default_factory=Usage)
+    written: Usage = field(default_factory=Usage)  # the part of ``usage`` the store has
     reserved_usd: float = 0.0  # worst cases held by priced calls in flight
     window: RateWindow = field(init=False)
     expires: float = field(init=False)
@@ -146,8 +158,7 @@ class KeyRing:
         self.month = month_of(now)
         self.next_month = next_month_start(now)
         self.store: StateStore | None = None
-        self._pending: dict[str, Usage] = {}
-        self._pending_month = self.month
+        self._dirty: dict[str, ClientKey] = {}  # keys used since the last write
         self._timer: asyncio.TimerHandle | None = None
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._writes: set[asyncio.Future[None]] = set()
@@ -189,12 +200,7 @@ class KeyRing:
         usage.requests += 1
         usage.prompt_tokens += prompt
         usage.completion_tokens += completion
-        pending = self._pending.get(key.name)
-        if pending is None:
-            pending = self._pending[key.name] = Usage()
-        pending.requests += 1
-        pending.prompt_tokens += prompt
-        pending.completion_tokens += completion
+        self._dirty[key.name] = key  # what changed is worked out when written, not here
         if self._timer is None:
             self._schedule()
 
@@ -203,7 +209,7 @@ class KeyRing:
         self._roll(self.clock())
         key.release(worst)
         key.usage.cost_usd += cost
-        self._pending.setdefault(key.name, Usage()).cost_usd += cost
+        self._dirty[key.name] = key
         self._schedule()
 
     def retry_at_month_end(self) -> float:
@@ -219,9 +225,8 @@ class KeyRing:
         self._flush()  # last month's pending usage, written under last month
         self.month = month_of(now)
         self.next_month = next_month_start(now)
-        self._pending_month = self.month
         for key in self._by_name.values():
-            key.usage = Usage()
+            key.usage, key.written = Usage(), Usage()
 
     # --- managing keys (the admin API) ------------------------------------------------------
     async def create(self, name: str, limits: KeyLimits) -> tuple[ClientKey, str]:
@@ -246,6 +251,7 @@ class KeyRing:
         await self._save(key)
         if existing is not None:  # a revoked key's name: its month's usage stays with the name
             key.usage = existing.usage  # (as stored): a new secret is not a new budget
+            key.written = existing.written
             self._remove(existing)
         self._add(key)
         log.info("key %s created (%s...)", name, key.prefix)
@@ -296,6 +302,7 @@ class KeyRing:
                 key.usage = Usage(
                     used.requests, used.prompt_tokens, used.completion_tokens, used.cost_usd
                 )
+                key.written = key.usage.copy()
 
     async def _save(self, key: ClientKey) -> None:
         if self.store is None or self._writer is None:
@@ -309,34 +316,41 @@ class KeyRing:
             self._timer = loop.call_later(self.flush_interval, self._flush)
 
     def _flush(self) -> None:
+        """Write what each key used since the last write (in the writer thread)."""
         self._timer = None
-        if not self._pending or self.store is None or self._writer is None:
+        if not self._dirty or self.store is None or self._writer is None:
             return
-        month, pending = self._pending_month, self._pending
-        self._pending = {}
+        dirty, self._dirty = self._dirty, {}
+        month, added = self.month, []
+        for key in dirty.values():
+            delta = key.usage.minus(key.written)
+            if delta != Usage():
+                key.written = key.usage.copy()
+                added.append((key, delta))
         rows = [
-            KeyUsage(month, name, u.requests, u.prompt_tokens, u.completion_tokens, u.cost_usd)
-            for name, u in pending.items()
+            KeyUsage(month, key.name, d.requests, d.prompt_tokens, d.completion_tokens, d.cost_usd)
+            for key, d in added
         ]
+        if not rows:
+            return
         future = asyncio.get_running_loop().run_in_executor(
             self._writer, self.store.add_key_usage, rows
         )
         self._writes.add(future)
-        future.add_done_callback(lambda f: self._written(f, month, pending))
+        future.add_done_callback(lambda f: self._written(f, month, added))
 
-    def _written(self, future: asyncio.Future[None], month: str, pending: dict[str, Usage]) -> None:
+    def _written(
+        self, future: asyncio.Future[None], month: str, added: list[tuple[ClientKey, Usage]]
+    ) -> None:
         self._writes.discard(future)
         exc = future.exception() if not future.cancelled() else None
         if exc is None:
             return
         log.warning("key usage not written (%s); kept for the next write", exc)
-        if month == self._pending_month:
-            for name, usage in pending.items():
-                kept = self._pending.setdefault(name, Usage())
-                kept.requests += usage.requests
-                kept.prompt_tokens += usage.prompt_tokens
-                kept.completion_tokens += usage.completion_tokens
-                kept.cost_usd += usage.cost_usd
+        if month == self.month:  # (a month that has ended was written at its end, or is lost)
+            for key, delta in added:
+                key.written = key.written.minus(delta)
+                self._dirty[key.name] = key
             self._schedule()
 
     async def aclose(self) -> None:
@@ -345,11 +359,11 @@ class KeyRing:
         self._flush()
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
-        if self._pending:  # the last write failed: try once more
+        if self._dirty:  # the last write failed: try once more
             self._flush()
             await asyncio.gather(*self._writes, return_exceptions=True)
-        if self._pending:
-            log.error("key usage lost at shutdown: %d keys' last usage", len(self._pending))
+        if self._dirty:
+            log.error("key usage lost at shutdown: %d keys' last usage", len(self._dirty))
         if self._writer is not None:
             self._writer.shutdown(wait=True)
 

@@ -29,69 +29,74 @@ class Refusal:
 
 
 class Counts:
-    """What happened in the last minute, in slots: ``[slot, amount]`` pairs, oldest first."""
+    """What happened in the last minute, in slots. The current slot's count is kept on the
+    object itself and the older slots' in ``older`` (``(slot, amount)``, oldest first), so that a
+    request in the current slot reads and writes this one object only (a request's work here
+    is done with cold caches: every other object touched costs more than the arithmetic)."""
 
-    __slots__ = ("slots", "total", "pruned_at")
+    __slots__ = ("older", "total", "slot", "amount", "_reset")
 
     def __init__(self) -> None:
-        self.slots: deque[list[int]] = deque()
-        self.total = 0
-        self.pruned_at = -1  # the slot of the last prune: nothing can leave until the next
+        self.older: deque[tuple[int, int]] = deque()
+        self.total = 0  # the whole minute's, the current slot's included
+        self.slot = -1  # the current slot
+        self.amount = 0  # counted in the current slot
+        self._reset: str | None = None  # when the oldest older slot leaves, from ``slot``
 
-    def add(self, slot: int, amount: int) -> None:
-        slots = self.slots
-        if slots and slots[-1][0] == slot:
-            slots[-1][1] += amount
-        else:
-            slots.append([slot, amount])
-        self.total += amount
-
-    def prune(self, slot: int) -> int:
-        """Drop the slots that have wholly left the window at ``slot``; the total of the rest."""
-        if slot == self.pruned_at:
+    def advance(self, slot: int) -> int:
+        """Make ``slot`` the current one: the current slot joins the older ones and those that
+        have wholly left the window are dropped; the minute's total. (A slot earlier than the
+        current one, from a clock set back, counts in the current one.)"""
+        if slot <= self.slot:
             return self.total
-        self.pruned_at = slot
+        older = self.older
+        if self.amount:
+            older.append((self.slot, self.amount))
+        self.slot, self.amount = slot, 0
         # Slot s spans [s, s + 1) tenths; it has left (now - 60, now] once s + 1 <= now*10 - 600,
         # that is once s <= slot - 601 (s is whole).
         gone = slot - WINDOW_SLOTS - 1
-        slots = self.slots
-        while slots and slots[0][0] <= gone:
-            self.total -= slots.popleft()[1]
+        while older and older[0][0] <= gone:
+            self.total -= older.popleft()[1]
+        self._reset = _reset_text(older[0][0] + 1 + WINDOW_SLOTS - slot) if older else None
         return self.total
+
+    def add(self, slot: int, amount: int) -> None:
+        if slot != self.slot:
+            self.advance(slot)
+        self.amount += amount
+        self.total += amount
+
+    def reset(self) -> str:
+        """When the oldest slot leaves the window, as OpenAI writes resets (``1m0s``), counted
+        from the start of the current slot (at most a tenth of a second early)."""
+        if self._reset is not None:
+            return self._reset
+        return _RESETS[WINDOW_SLOTS + 1] if self.amount else _RESETS[0]
 
     def free_in(self, now: float, over: int) -> float:
         """Seconds until ``over`` of the amount has left the window."""
-        for slot, amount in self.slots:
+        for slot, amount in (*self.older, (self.slot, self.amount)):
             over -= amount
             if over <= 0:
                 return max(0.0, (slot + 1) * SLOT + WINDOW - now)
         return WINDOW
 
-    def reset(self, slot: int) -> bytes:
-        """When the oldest slot leaves the window, as OpenAI writes resets (``1m0s``), counted
-        from the start of ``slot``, the current one (at most a tenth of a second early), so
-        that one text serves a whole slot."""
-        slots = self.slots
-        if not slots:
-            return _RESETS[0]
-        tenths = slots[0][0] + 1 + WINDOW_SLOTS - slot
-        if 0 <= tenths < len(_RESETS):
-            return _RESETS[tenths]
-        return _tenths_text(max(0, tenths)).encode()  # the clock went back
-
 
 class RateWindow:
     __slots__ = (
-        "rpm", "tpm", "max_concurrent", "in_flight", "_requests", "_tokens", "_head",
+        "rpm", "tpm", "max_concurrent", "in_flight", "_requests", "_tokens",
+        "_rpm_text", "_tpm_text",
     )  # fmt: skip
 
     def __init__(self, rpm: int | None, tpm: int | None, max_concurrent: int | None) -> None:
         self.rpm = rpm
         self.tpm = tpm
         self.max_concurrent = max_concurrent
-        self._head = (_REQUESTS % rpm if rpm is not None else b"") + (
-            _TOKENS % tpm if tpm is not None else b""
-        )
+        # the header lines up to what remains (a str: an f-string is the cheapest way to fill in
+        # a few values, and the bytes are encoded once)
+        self._rpm_text = f"x-ratelimit-limit-requests: {rpm}\r\nx-ratelimit-remaining-requests: "
+        self._tpm_text = f"x-ratelimit-limit-tokens: {tpm}\r\nx-ratelimit-remaining-tokens: "
         self.in_flight = 0
         self._requests = Counts()
         self._tokens = Counts()
@@ -119,12 +124,12 @@ class RateWindow:
         requests, tokens = self._requests, self._tokens
         count = left = 0
         if rpm is not None:
-            count = requests.prune(slot)
+            count = requests.total if requests.slot == slot else requests.advance(slot)
             if count >= rpm:
                 return Refusal("rpm", f"this key's limit of {rpm} requests per minute is "
                                "reached", requests.free_in(now, count - rpm + 1))  # fmt: skip
         if tpm is not None:
-            used = tokens.prune(slot)
+            used = tokens.total if tokens.slot == slot else tokens.advance(slot)
             if used >= tpm:
                 return Refusal("tpm", f"this key's limit of {tpm} tokens per minute is "
                                f"reached ({used} used)",
@@ -132,48 +137,49 @@ class RateWindow:
             left = tpm - used
         self.in_flight += 1
         if rpm is None:
-            return self._head % (left, tokens.reset(slot))
-        requests.add(slot, 1)
+            return f"{self._tpm_text}{left}{_TOKENS_RESET}{tokens.reset()}\r\n".encode()
+        requests.amount += 1  # the current slot is ``slot`` (advanced above)
+        requests.total = count + 1
         if tpm is None:
-            return self._head % (rpm - count - 1, requests.reset(slot))
-        return self._head % (rpm - count - 1, requests.reset(slot), left, tokens.reset(slot))
+            return (
+                f"{self._rpm_text}{rpm - count - 1}{_REQUESTS_RESET}{requests.reset()}\r\n".encode()
+            )
+        return (
+            f"{self._rpm_text}{rpm - count - 1}{_REQUESTS_RESET}{requests.reset()}\r\n"
+            f"{self._tpm_text}{left}{_TOKENS_RESET}{tokens.reset()}\r\n"
+        ).encode()
 
     def done(self, now: float, tokens: int) -> None:
         self.in_flight -= 1
-        if self.tpm is not None and tokens > 0:
+        if tokens > 0 and self.tpm is not None:
             self._tokens.add(int(now * SLOTS_PER_SECOND), tokens)
 
     def tokens_used(self, now: float) -> int:
-        return self._tokens.prune(int(now * SLOTS_PER_SECOND))
+        return self._tokens.advance(int(now * SLOTS_PER_SECOND))
 
     def remaining(self, now: float) -> tuple[int | None, int | None]:
         """Requests and tokens left this minute (None for a limit the key does not have)."""
         slot = int(now * SLOTS_PER_SECOND)
-        requests = None if self.rpm is None else max(0, self.rpm - self._requests.prune(slot))
-        tokens = None if self.tpm is None else max(0, self.tpm - self._tokens.prune(slot))
+        requests = None if self.rpm is None else max(0, self.rpm - self._requests.advance(slot))
+        tokens = None if self.tpm is None else max(0, self.tpm - self._tokens.advance(slot))
         return requests, tokens
 
     def head(self, now: float) -> bytes:
         """OpenAI's rate-limit headers for the limits this key has, as header lines
         (``name: value\\r\\n``), without counting a request."""
         slot = int(now * SLOTS_PER_SECOND)
-        parts: list[int | bytes] = []
+        text = ""
         if self.rpm is not None:
-            parts += (max(0, self.rpm - self._requests.prune(slot)), self._requests.reset(slot))
+            left = max(0, self.rpm - self._requests.advance(slot))
+            text += f"{self._rpm_text}{left}{_REQUESTS_RESET}{self._requests.reset()}\r\n"
         if self.tpm is not None:
-            parts += (max(0, self.tpm - self._tokens.prune(slot)), self._tokens.reset(slot))
-        return self._head % tuple(parts) if parts else b""
+            left = max(0, self.tpm - self._tokens.advance(slot))
+            text += f"{self._tpm_text}{left}{_TOKENS_RESET}{self._tokens.reset()}\r\n"
+        return text.encode()
 
 
-# Header lines with the limit filled in; what remains and when it resets are filled per answer.
-_REQUESTS = (
-    b"x-ratelimit-limit-requests: %d\r\n"
-    b"x-ratelimit-remaining-requests: %%d\r\nx-ratelimit-reset-requests: %%s\r\n"
-)
-_TOKENS = (
-    b"x-ratelimit-limit-tokens: %d\r\n"
-    b"x-ratelimit-remaining-tokens: %%d\r\nx-ratelimit-reset-tokens: %%s\r\n"
-)
+_REQUESTS_RESET = "\r\nx-ratelimit-reset-requests: "
+_TOKENS_RESET = "\r\nx-ratelimit-reset-tokens: "
 
 
 def _tenths_text(tenths: int) -> str:
@@ -191,4 +197,10 @@ def duration(seconds: float) -> str:
 
 
 # a reset of i tenths of a second; a pruned window's oldest slot leaves within 601
-_RESETS = [_tenths_text(tenths).encode() for tenths in range(WINDOW_SLOTS + 2)]
+_RESETS = [_tenths_text(tenths) for tenths in range(WINDOW_SLOTS + 2)]
+
+
+def _reset_text(tenths: int) -> str:
+    if 0 <= tenths <= WINDOW_SLOTS + 1:
+        return _RESETS[tenths]
+    return _tenths_text(max(0, tenths))

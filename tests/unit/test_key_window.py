@@ -171,7 +171,7 @@ def test_tpm_tokens_of_one_tenth_of_a_second_share_a_slot() -> None:
         window.admit(T0 + t)
         window.done(T0 + t, 50)
 
-    assert len(window._tokens.slots) == 1
+    assert not window._tokens.older and window._tokens.amount == 100  # the current slot only
     assert refused(window.admit(T0 + 4), "tpm").retry_after == secs(59.3)
     assert refused(window.admit(T0 + 63.25), "tpm").retry_after == secs(0.05)  # both still in
     assert isinstance(window.admit(T0 + 63.3), bytes)  # both leave at the same time
@@ -329,8 +329,9 @@ def test_memory_stays_bounded_by_the_slots_of_a_minute() -> None:
         assert isinstance(window.admit(now), bytes)
         window.done(now, 3)
 
-    assert len(window._requests.slots) <= WINDOW * SLOTS_PER_SECOND == 600
-    assert len(window._tokens.slots) <= 600
+    # the older slots, and the current one
+    assert len(window._requests.older) + 1 <= WINDOW * SLOTS_PER_SECOND == 600
+    assert len(window._tokens.older) + 1 <= 600
     end = T0 + WINDOW - 0.05
     assert headers(window, end)["x-ratelimit-remaining-requests"] == str(1_000_000 - count)
     assert window.tokens_used(end) == 3 * count  # every one still counted, in few slots
@@ -383,8 +384,16 @@ def test_duration_as_openai_writes_resets(seconds: float, shown: str) -> None:
     assert duration(seconds) == shown
 
 
-def test_reset_is_still_written_when_the_clock_went_back() -> None:
+def test_a_clock_set_back_counts_in_the_latest_slot() -> None:
     window = RateWindow(rpm=5, tpm=None, max_concurrent=None)
-    window.admit(T0 + 100)  # then the clock is set back 100 s
+    window.admit(T0 + 100)
+    window.admit(T0)  # the clock was set back 100 s
 
-    assert headers(window, T0)["x-ratelimit-reset-requests"] == "2m41s"  # 160.1 s, rounded up
+    assert headers(window, T0) == {
+        "x-ratelimit-limit-requests": "5",
+        "x-ratelimit-remaining-requests": "3",
+        "x-ratelimit-reset-requests": "1m1s",  # from the latest slot
+    }
+    window.admit(T0 + 100.5)  # the clock has caught up: the slot of T0 + 100 is an older one
+    assert headers(window, T0 + 100.5)["x-ratelimit-reset-requests"] == "1m0s"  # 59.6 s
+    assert headers(window, T0 + 160.5)["x-ratelimit-remaining-requests"] == "4"

@@ -3,6 +3,7 @@ noise of a shared box hits both alike: what B adds to A, for differences smaller
 between runs (client keys: 20 µs at c=1).
 
   python bench/ab.py --a URL --b URL [--b-auth KEY] [--cpu 0] [--pin-load 0] --out FILE
+  python bench/ab.py merge OUT RUN.json...   (several pairs of processes: medians of the pairs)
 
 c=1: ``loadgen.py latency --direct A --via B``: sequential requests, A and B in ABBA rounds on one
 keep-alive connection each; "added" is B minus A (median of the per-round median deltas).
@@ -78,7 +79,55 @@ def throughput(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     }
 
 
+FIGURES = ("median_of_round_medians", "p99")
+SIDES = ("direct", "via")
+
+
+def merge(paths: Sequence[str], out: str) -> None:
+    """One result from the runs of several pairs of gateway processes: each figure is the median
+    of the pairs' figures (one pair of processes can be a few per cent apart on a shared VM
+    whatever the code: address layout, what the host does), and ``pairs`` keeps them all."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    lat = [run["latency"] for run in runs]
+    wrk = [run["throughput"] for run in runs]
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values) if values else float("nan")
+
+    merged = {
+        "a": runs[0]["a"],
+        "b": runs[0]["b"],
+        "pairs": runs,
+        "latency": {
+            "rounds": sum(x["rounds"] for x in lat),
+            "per_round": lat[0]["per_round"],
+            "errors": {
+                side: sum(x["errors"][side] for x in lat) for side in ("direct", "via")
+            },
+            **{
+                side: {k: med([x[side][k] for x in lat]) for k in FIGURES} for side in SIDES
+            },  # fmt: skip
+            "added": {k: med([x["added"][k] for x in lat]) for k in ("p50", "p99", "iqr")},
+        },
+        "throughput": {
+            "connections": wrk[0]["connections"],
+            "rounds": sum(x["rounds"] for x in wrk),
+            "seconds": wrk[0]["seconds"],
+            "a_median": med([x["a_median"] for x in wrk]),
+            "b_median": med([x["b_median"] for x in wrk]),
+            "ratios": [x["ratio_median"] for x in wrk],  # one per pair
+            "ratio_median": med([x["ratio_median"] for x in wrk]),
+            "errors": {side: sum(x["errors"][side] for x in wrk) for side in ("a", "b")},
+        },
+    }  # fmt: skip
+    Path(out).write_text(json.dumps(merged, indent=2) + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["merge"]:  # ab.py merge OUT RUN.json...
+        merge(argv[2:], argv[1])
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--a", required=True, help="base URL of the reference gateway")
     p.add_argument("--b", required=True, help="base URL of the gateway compared with it")
@@ -95,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--cpu", type=int, help="pin wrk to this CPU")
     p.add_argument("--pin-load", type=int, help="pin the c=1 load generator to this CPU")
     p.add_argument("--out", help="write the JSON here instead of stdout")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         result = {
             "a": args.a,

@@ -213,7 +213,14 @@ def ab_rows(folder: Path) -> list[list[str]]:
             f">= x{AUTH_RPS_RATIO_TARGET:g}",
             verdict(ratio >= AUTH_RPS_RATIO_TARGET),
         ],
-        ["  per-round ratios", "", "", ratios, "", ""],
+        [
+            "  ratio of each pair of processes" if ab.get("pairs") else "  per-round ratios",
+            "",
+            "",
+            ratios,
+            "",
+            "",
+        ],  # fmt: skip
         ["  errors (c=1 + wrk)", "", "", str(failed), "0", ""],
     ]
 

@@ -17,7 +17,7 @@ from .managed import ManagedServer
 from .registry import Backend, Registry, Status
 from .telemetry.history import History
 from .telemetry.metrics import FleetView, KeyView, Metrics, SpendView
-from .telemetry.outcomes import Telemetry
+from .telemetry.outcomes import Consumer, Telemetry
 from .telemetry.stats import Stats
 
 
@@ -41,7 +41,10 @@ class Gateway:
         )
         self.stats = Stats(self.known_model)
         self.history = History(self.settings.history.max_entries)
-        self.telemetry = Telemetry([self.metrics, self.stats, self.history])
+        consumers: list[Consumer] = [self.metrics, self.stats, self.history]
+        if self.keys is not None:
+            consumers.append(self.keys.count)  # each key's usage, from its requests' outcomes
+        self.telemetry = Telemetry(consumers)
 
     def known_model(self, model: str) -> bool:
         return bool(self.registry.backends_for(model)) or model in self.settings.routing.aliases
@@ -53,6 +56,7 @@ class Gateway:
 
     def month_usage(self, key: ClientKey) -> Usage:
         """``key``'s usage this UTC month (a month that has begun is started first)."""
+        self.telemetry.drain()  # what ended just now counts
         if self.keys is not None:
             self.keys.roll()
         return key.usage

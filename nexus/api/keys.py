@@ -123,8 +123,10 @@ class OwnUsage:
 
 
 def _ring(gateway: Gateway) -> KeyRing:
+    """The key set, with the requests that ended just now counted (see ``KeyRing.count``)."""
     if gateway.keys is None:  # only before start-up has finished
         raise Conflict("client keys are not loaded yet")
+    gateway.telemetry.drain()
     return gateway.keys
 
 

@@ -114,7 +114,6 @@ class GatewayMiddleware:
         key: ClientKey | None,
     ) -> None:
         """Run an inference handler; its errors in its envelope; its outcome recorded."""
-        auth = self.auth
         began = time.perf_counter()
         trace = scope[TRACE_KEY] = Trace()
         trace.client_key = key
@@ -143,9 +142,8 @@ class GatewayMiddleware:
                 error = InternalError("Internal error in Nexus; the log has the details")
                 await send_json(send_with_id, 500, error.body())
         finally:
-            if key is not None and auth is not None:
-                tokens = (trace.prompt_tokens or 0), (trace.completion_tokens or 0)
-                auth.ring.record(key, *tokens)
+            if key is not None:
+                key.window.in_flight -= 1  # its usage is counted from its outcome (KeyRing.count)
         seconds = time.perf_counter() - began
         status = start[0]["status"] if start else 499
         outcome = outcome_of(trace, scope[REQUEST_ID_KEY], status, seconds * 1000)
@@ -157,7 +155,7 @@ class GatewayMiddleware:
 
     def _record_refusal(self, scope: Scope, key: ClientKey, refusal: NexusError) -> None:
         """A keyed request its limits refused still counts in the key's history and metrics."""
-        trace = Trace(api=API_OF.get(scope["path"], "chat"), client_key=key)
+        trace = Trace(api=API_OF.get(scope["path"], "chat"), client_key=key, admitted=False)
         trace.error_type = refusal.error_type
         outcome = outcome_of(trace, scope[REQUEST_ID_KEY], refusal.status_code, 0.0)
         gateway = getattr(self.app.state, "gateway", None)

@@ -15,7 +15,7 @@ import fnmatch
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +25,7 @@ import orjson
 from ..config import ConfiguredKey, KeyLimits
 from ..cost.ledger import month_of, next_month_start
 from ..state.store import KeyUsage, StateStore, StoredKey
+from ..telemetry.outcomes import Outcome
 from .tokens import MAX_KEY_LENGTH, hash_of, new_secret, prefix_of, same
 from .window import RateWindow
 
@@ -190,18 +191,29 @@ class KeyRing:
         """The key with this hash, live or not (to say why a request's key is refused)."""
         return self._by_hash.get(digest)
 
-    def record(self, key: ClientKey, prompt: int, completion: int) -> None:
-        """A request of ``key`` ended: its usage, in memory now and in the store soon."""
+    def count(self, outcomes: Sequence[Outcome]) -> None:
+        """Requests that ended, as the telemetry hands them over (a few ms later, in batches):
+        each admitted one counts in its key's usage (in memory now, in the store soon) and its
+        tokens in the key's minute. Nothing of this is done on the request's own path."""
         now = self.clock()
         if now >= self.next_month:
             self._roll(now)
-        key.window.done(now, prompt + completion)
-        usage = key.usage
-        usage.requests += 1
-        usage.prompt_tokens += prompt
-        usage.completion_tokens += completion
-        self._dirty[key.name] = key  # what changed is worked out when written, not here
-        if self._timer is None:
+        by_name, dirty = self._by_name, self._dirty
+        for outcome in outcomes:
+            name = outcome.key
+            if name is None or not outcome.admitted:
+                continue
+            key = by_name.get(name)
+            if key is None:
+                continue
+            prompt, completion = outcome.prompt_tokens or 0, outcome.completion_tokens or 0
+            key.window.used(now, prompt + completion)
+            usage = key.usage
+            usage.requests += 1
+            usage.prompt_tokens += prompt
+            usage.completion_tokens += completion
+            dirty[name] = key  # what changed is worked out when written
+        if dirty and self._timer is None:
             self._schedule()
 
     def charge(self, key: ClientKey, worst: float, cost: float) -> None:
@@ -312,7 +324,10 @@ class KeyRing:
 
     def _schedule(self) -> None:
         if self._timer is None and self.store is not None:
-            loop = asyncio.get_running_loop()
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # counted outside the loop (the last drain): aclose writes it
+                return
             self._timer = loop.call_later(self.flush_interval, self._flush)
 
     def _flush(self) -> None:

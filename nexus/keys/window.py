@@ -149,8 +149,8 @@ class RateWindow:
             f"{self._tpm_text}{left}{_TOKENS_RESET}{tokens.reset()}\r\n"
         ).encode()
 
-    def done(self, now: float, tokens: int) -> None:
-        self.in_flight -= 1
+    def used(self, now: float, tokens: int) -> None:
+        """A request's tokens, once it has ended (``in_flight`` is given back at its end)."""
         if tokens > 0 and self.tpm is not None:
             self._tokens.add(int(now * SLOTS_PER_SECOND), tokens)
 

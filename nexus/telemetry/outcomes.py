@@ -45,6 +45,7 @@ class Trace:
     # The client's key (keys.ring.ClientKey) when [auth] is on: dispatch reads its reach and
     # budget; only its name is recorded.
     client_key: Any = None
+    admitted: bool = True  # False: the key's own limits refused it before it was served
 
     def usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
@@ -78,6 +79,7 @@ class Outcome:
     cost_usd: float | None = None
     api: str = "chat"
     key: str | None = None  # the client key's name, when [auth] is on
+    admitted: bool = True  # counted in the key's usage (its limits did not refuse it)
 
     @property
     def ok(self) -> bool:
@@ -86,7 +88,7 @@ class Outcome:
     def public(self) -> dict[str, Any]:
         """The history entry: everything but the planner internals."""
         entry = asdict(self)
-        del entry["stage_ns"], entry["exclusions"]
+        del entry["stage_ns"], entry["exclusions"], entry["admitted"]
         entry["duration_ms"] = round(self.duration_ms, 3)
         entry["upstream_ms"] = round(self.upstream_ms, 3)
         if self.ttft_ms is not None:
@@ -121,6 +123,7 @@ def outcome_of(
         cost_usd=trace.cost_usd,
         api=trace.api,
         key=trace.client_key.name if trace.client_key is not None else None,
+        admitted=trace.admitted,
     )
 
 

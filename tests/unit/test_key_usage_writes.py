@@ -11,6 +11,7 @@ from nexus.config import ConfiguredKey
 from nexus.keys.ring import KeyRing
 from nexus.keys.tokens import hash_of, new_secret
 from nexus.state.store import KeyUsage, Spend, StoredKey
+from nexus.telemetry.outcomes import Trace, outcome_of
 
 NOW = 1_796_000_000.0
 
@@ -76,8 +77,8 @@ async def write(ring: KeyRing) -> None:
 def use(ring: KeyRing, name: str, prompt: int, completion: int, cost: float = 0.0) -> None:
     key = ring.get(name)
     assert key is not None
-    key.window.admit(NOW)
-    ring.record(key, prompt, completion)
+    trace = Trace(prompt_tokens=prompt, completion_tokens=completion, client_key=key)
+    ring.count([outcome_of(trace, "req", 200, 1.0)])
     if cost:
         ring.charge(key, 0.0, cost)
 

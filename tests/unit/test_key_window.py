@@ -1,7 +1,7 @@
 """A key's rate window (nexus/keys/window.py) with the time passed in, never read: requests and
 tokens counted in slots of a tenth of a second, a slot counting until all of it has left the last
 60 s (rpm requests pass in any 60 s, the next waits for the oldest slot to leave, never more than
-rpm in any 60 s), tokens per minute from real usage, max_concurrent with done(), memory bounded
+rpm in any 60 s), tokens per minute from real usage, max_concurrent, memory bounded
 by the slots, carry() across new limits, OpenAI's x-ratelimit-* headers for the limits a key has
 (none for a key without limits), and how resets are written."""
 
@@ -33,6 +33,13 @@ def pairs(window: RateWindow, now: float) -> list[tuple[bytes, bytes]]:
 
 def headers(window: RateWindow, now: float) -> dict[str, str]:
     return {name.decode(): value.decode() for name, value in pairs(window, now)}
+
+
+def done(window: RateWindow, now: float, tokens: int) -> None:
+    """A request ended: its call in flight given back (the middleware), its tokens counted
+    (``KeyRing.count``, from its outcome)."""
+    window.in_flight -= 1
+    window.used(now, tokens)
 
 
 def refused(got: Refusal | bytes, limit: str) -> Refusal:
@@ -138,9 +145,9 @@ def test_a_refused_request_is_not_counted() -> None:
 def test_tpm_refused_once_used_reaches_the_limit_until_those_tokens_age_out() -> None:
     window = RateWindow(rpm=None, tpm=100, max_concurrent=None)
     assert isinstance(window.admit(T0), bytes)
-    window.done(T0 + 0.5, 60)  # slot [T0 + 0.5, T0 + 0.6)
+    done(window, T0 + 0.5, 60)  # slot [T0 + 0.5, T0 + 0.6)
     assert isinstance(window.admit(T0 + 1), bytes)  # 60 < 100
-    window.done(T0 + 10.2, 40)  # slot [T0 + 10.2, T0 + 10.3): 100 used
+    done(window, T0 + 10.2, 40)  # slot [T0 + 10.2, T0 + 10.3): 100 used
 
     refusal = refused(window.admit(T0 + 11), "tpm")
 
@@ -155,7 +162,7 @@ def test_tpm_retry_waits_for_as_many_slots_as_needed() -> None:
     window = RateWindow(rpm=None, tpm=100, max_concurrent=None)
     for t, tokens in ((0, 10), (5, 30), (10, 80)):  # 120 used: 21 must leave
         window.admit(T0 + t)
-        window.done(T0 + t, tokens)
+        done(window, T0 + t, tokens)
 
     refusal = refused(window.admit(T0 + 20), "tpm")
 
@@ -169,7 +176,7 @@ def test_tpm_tokens_of_one_tenth_of_a_second_share_a_slot() -> None:
     window = RateWindow(rpm=None, tpm=100, max_concurrent=None)
     for t in (3.22, 3.27):  # both in [T0 + 3.2, T0 + 3.3)
         window.admit(T0 + t)
-        window.done(T0 + t, 50)
+        done(window, T0 + t, 50)
 
     assert not window._tokens.older and window._tokens.amount == 100  # the current slot only
     assert refused(window.admit(T0 + 4), "tpm").retry_after == secs(59.3)
@@ -182,8 +189,8 @@ def test_tpm_calls_already_admitted_may_carry_it_past_the_limit() -> None:
     window = RateWindow(rpm=None, tpm=100, max_concurrent=None)
     assert isinstance(window.admit(T0), bytes)
     assert isinstance(window.admit(T0), bytes)  # nothing used yet: both in
-    window.done(T0 + 1, 90)
-    window.done(T0 + 1, 90)
+    done(window, T0 + 1, 90)
+    done(window, T0 + 1, 90)
 
     assert window.tokens_used(T0 + 2) == 180
     assert headers(window, T0 + 2)["x-ratelimit-remaining-tokens"] == "0"
@@ -193,12 +200,12 @@ def test_tpm_calls_already_admitted_may_carry_it_past_the_limit() -> None:
 def test_usage_is_not_kept_without_tpm_or_without_tokens() -> None:
     window = RateWindow(rpm=None, tpm=None, max_concurrent=None)
     window.admit(T0)
-    window.done(T0, 1_000_000)
+    done(window, T0, 1_000_000)
     assert window.tokens_used(T0) == 0
 
     counted = RateWindow(rpm=None, tpm=10, max_concurrent=None)
     counted.admit(T0)
-    counted.done(T0, 0)
+    done(counted, T0, 0)
     assert counted.tokens_used(T0) == 0
     assert isinstance(counted.admit(T0 + 1), bytes)
 
@@ -215,7 +222,7 @@ def test_max_concurrent_refuses_while_full_and_done_frees_a_place() -> None:
     assert refusal.retry_after == 1.0
     assert "max_concurrent" in refusal.message
 
-    window.done(T0 + 0.5, 0)
+    done(window, T0 + 0.5, 0)
     assert window.in_flight == 1
     assert isinstance(window.admit(T0 + 0.5), bytes)
     refused(window.admit(T0 + 0.5), "max_concurrent")
@@ -225,7 +232,7 @@ def test_a_request_refused_for_concurrency_takes_no_rpm_slot() -> None:
     window = RateWindow(rpm=3, tpm=None, max_concurrent=1)
     assert isinstance(window.admit(T0), bytes)
     refused(window.admit(T0 + 1), "max_concurrent")
-    window.done(T0 + 2, 0)
+    done(window, T0 + 2, 0)
 
     assert headers(window, T0 + 2)["x-ratelimit-remaining-requests"] == "2"
     assert isinstance(window.admit(T0 + 3), bytes)
@@ -262,7 +269,7 @@ def test_headers_of_a_fresh_window_show_the_whole_limit() -> None:
 def test_headers_for_rpm_and_tpm_follow_the_window() -> None:
     window = RateWindow(rpm=5, tpm=100, max_concurrent=None)
     window.admit(T0)
-    window.done(T0 + 0.5, 60)
+    done(window, T0 + 0.5, 60)
     window.admit(T0 + 30.25)
 
     assert headers(window, T0 + 30.5) == {
@@ -283,7 +290,7 @@ def test_headers_for_rpm_and_tpm_follow_the_window() -> None:
 def test_admit_answers_the_headers_with_the_request_counted() -> None:
     window = RateWindow(rpm=3, tpm=100, max_concurrent=None)
     window.admit(T0)
-    window.done(T0 + 0.5, 70)
+    done(window, T0 + 0.5, 70)
     window.admit(T0 + 20)
 
     got = window.admit(T0 + 61)  # drops the request of T0 and the 70 tokens, counts this one
@@ -312,7 +319,7 @@ def test_a_key_without_limits_gives_no_headers_and_is_never_refused() -> None:
     window = RateWindow(rpm=None, tpm=None, max_concurrent=None)
     for i in range(1000):
         assert isinstance(window.admit(T0 + i / 100), bytes)
-        window.done(T0 + i / 100, 100)
+        done(window, T0 + i / 100, 100)
 
     assert window.head(T0 + 10) == b""
     assert window.in_flight == 0
@@ -327,7 +334,7 @@ def test_memory_stays_bounded_by_the_slots_of_a_minute() -> None:
     for i in range(count):  # spread over 60 s
         now = T0 + i * WINDOW / count
         assert isinstance(window.admit(now), bytes)
-        window.done(now, 3)
+        done(window, now, 3)
 
     # the older slots, and the current one
     assert len(window._requests.older) + 1 <= WINDOW * SLOTS_PER_SECOND == 600
@@ -341,14 +348,14 @@ def test_carry_keeps_the_minute_and_the_calls_in_flight() -> None:
     old = RateWindow(rpm=3, tpm=100, max_concurrent=None)
     for t in (0, 10, 20):
         assert isinstance(old.admit(T0 + t), bytes)
-    old.done(T0 + 21, 60)  # two still in flight
+    done(old, T0 + 21, 60)  # two still in flight
     new = RateWindow(rpm=5, tpm=50, max_concurrent=2)  # a PATCH: new limits
 
     new.carry(old)
 
     assert new.in_flight == 2
     refused(new.admit(T0 + 30), "max_concurrent")  # the two carried calls fill it
-    new.done(T0 + 30, 0)
+    done(new, T0 + 30, 0)
     refusal = refused(new.admit(T0 + 30), "tpm")  # 60 carried tokens, over the new 50
     assert refusal.retry_after == secs(51.1)  # the slot of T0 + 21 leaves at T0 + 81.1
     assert headers(new, T0 + 30)["x-ratelimit-remaining-requests"] == "2"  # 3 carried of 5

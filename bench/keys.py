@@ -1,7 +1,8 @@
 """What a client key adds to a request, in CPU time: the steps the middleware runs for a keyed
 request (find the key by its hash, admit it against rpm/tpm, the x-ratelimit-* headers on the
-answer, its usage recorded at the end), as ``api/middleware.py`` calls them, on a real
-key ring with a SQLite store. Each step is also timed alone, to say where the time goes.
+answer, the call in flight given back at the end, its usage counted from its outcome), as
+``api/middleware.py`` and the telemetry call them, on a real key ring with a SQLite store.
+Each step is also timed alone, to say where the time goes.
 
     python bench/keys.py [--requests 50000]
 
@@ -23,6 +24,7 @@ from nexus.config import ConfiguredKey
 from nexus.keys.ring import KeyRing
 from nexus.keys.tokens import hash_of, new_secret
 from nexus.state.sqlite import SQLiteStore
+from nexus.telemetry.outcomes import Trace, outcome_of
 
 PATH = "/v1/chat/completions"
 INFERENCE = {PATH, "/v1/embeddings", "/v1/messages", "/v1/responses"}
@@ -60,13 +62,16 @@ async def run(requests: int, directory: Path) -> dict[str, float]:
     await ring.attach(store)
     auth = Auth(ring, INFERENCE)
     scope = scope_for(secret)
+    trace = Trace(prompt_tokens=5, completion_tokens=4, client_key=ring.find(secret))
+    outcome = [outcome_of(trace, "bench", 200, 1.0)]
 
     def whole() -> None:  # what middleware.__call__ and _serve add for a keyed request
         if scope["path"] in auth.paths:  # middleware._keyed
             key = auth.identify(scope)
             if scope["path"] in auth.inference:
                 auth.admit(key)  # counts the request and makes its x-ratelimit-* header lines
-            ring.record(key, 5, 4)  # _serve's finally (the mock's usage: 5 + 4 tokens)
+            key.window.in_flight -= 1  # _serve's finally
+            ring.count(outcome)  # the telemetry's batch (the mock's usage: 5 + 4 tokens)
 
     whole()
     out = {"whole": per_call(whole, requests)}
@@ -79,7 +84,7 @@ async def run(requests: int, directory: Path) -> dict[str, float]:
         "auth.identify": lambda: auth.identify(scope),
         "window.admit (and its header lines)": lambda: key.window.admit(ring.clock()),
         "window.head (header lines, uncounted)": lambda: key.window.head(ring.clock()),
-        "ring.record": lambda: ring.record(key, 5, 4),
+        "ring.count (one outcome)": lambda: ring.count(outcome),
     }
     for name, fn in steps.items():
         out[name] = per_call(fn, requests)

@@ -134,3 +134,17 @@ def test_the_month_read_back_at_start_is_not_written_again() -> None:
     store = Store(usage=[KeyUsage(ring.month, "a", 10, 100, 50, 1.5)])
     assert asyncio.run(scenario(store)) == [10, 100]
     assert store.rows[(ring.month, "a")] == [11, 101, 51, 1.5]
+
+
+def test_a_request_the_keys_limits_refused_is_not_counted() -> None:
+    ring = ring_of("a")
+    key = ring.get("a")
+    assert key is not None
+    refused = Trace(client_key=key, admitted=False)
+    answered = Trace(prompt_tokens=3, completion_tokens=2, client_key=key)
+    other = Trace(prompt_tokens=7, completion_tokens=7)  # no key: [auth] off
+
+    ring.count([outcome_of(t, "req", s, 1.0) for t, s in ((refused, 429), (answered, 200))])
+    ring.count([outcome_of(other, "req", 200, 1.0)])
+
+    assert (key.usage.requests, key.usage.prompt_tokens, key.usage.completion_tokens) == (1, 3, 2)

@@ -166,10 +166,13 @@ def test_ws_sends_a_snapshot_then_requests_stats_and_backend_changes(
 
     hub = live_feed(nexus).hub
     assert wait_for(lambda: not hub.subscribed and not hub.clients)
-    assert nexus.gateway.telemetry._consumers == [  # unsubscribed: only the built-in ones left
-        nexus.gateway.metrics,
-        nexus.gateway.stats,
-        nexus.gateway.history,
+    gateway = nexus.gateway
+    assert gateway.keys is not None
+    assert gateway.telemetry._consumers == [  # unsubscribed: only the built-in ones left
+        gateway.metrics,
+        gateway.stats,
+        gateway.history,
+        gateway.keys.count,  # each key's usage, counted from the outcomes
     ]
 
 

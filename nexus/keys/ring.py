@@ -159,7 +159,9 @@ class KeyRing:
         self.month = month_of(now)
         self.next_month = next_month_start(now)
         self.store: StateStore | None = None
-        self._dirty: dict[str, ClientKey] = {}  # keys used since the last write
+        # names of the keys used since the last write: the key is looked up when written (a
+        # name taken again after a revocation is one account, whichever key object holds it)
+        self._dirty: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._writes: set[asyncio.Future[None]] = set()
@@ -212,7 +214,7 @@ class KeyRing:
             usage.requests += 1
             usage.prompt_tokens += prompt
             usage.completion_tokens += completion
-            dirty[name] = key  # what changed is worked out when written
+            dirty.add(name)  # what changed is worked out when written
         if dirty and self._timer is None:
             self._schedule()
 
@@ -221,7 +223,7 @@ class KeyRing:
         self._roll(self.clock())
         key.release(worst)
         key.usage.cost_usd += cost
-        self._dirty[key.name] = key
+        self._dirty.add(key.name)
         self._schedule()
 
     def retry_at_month_end(self) -> float:
@@ -335,9 +337,12 @@ class KeyRing:
         self._timer = None
         if not self._dirty or self.store is None or self._writer is None:
             return
-        dirty, self._dirty = self._dirty, {}
+        dirty, self._dirty = self._dirty, set()
         month, added = self.month, []
-        for key in dirty.values():
+        for name in dirty:
+            key = self._by_name.get(name)
+            if key is None:
+                continue
             delta = key.usage.minus(key.written)
             if delta != Usage():
                 key.written = key.usage.copy()
@@ -352,10 +357,11 @@ class KeyRing:
             self._writer, self.store.add_key_usage, rows
         )
         self._writes.add(future)
-        future.add_done_callback(lambda f: self._written(f, month, added))
+        names = [(key.name, delta) for key, delta in added]
+        future.add_done_callback(lambda f: self._written(f, month, names))
 
     def _written(
-        self, future: asyncio.Future[None], month: str, added: list[tuple[ClientKey, Usage]]
+        self, future: asyncio.Future[None], month: str, added: list[tuple[str, Usage]]
     ) -> None:
         self._writes.discard(future)
         exc = future.exception() if not future.cancelled() else None
@@ -363,9 +369,11 @@ class KeyRing:
             return
         log.warning("key usage not written (%s); kept for the next write", exc)
         if month == self.month:  # (a month that has ended was written at its end, or is lost)
-            for key, delta in added:
-                key.written = key.written.minus(delta)
-                self._dirty[key.name] = key
+            for name, delta in added:
+                key = self._by_name.get(name)
+                if key is not None:
+                    key.written = key.written.minus(delta)
+                    self._dirty.add(name)
             self._schedule()
 
     async def aclose(self) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from nexus.config import ConfiguredKey
+from nexus.config import ConfiguredKey, KeyLimits
 from nexus.keys.ring import KeyRing
 from nexus.keys.tokens import hash_of, new_secret
 from nexus.state.store import KeyUsage, Spend, StoredKey
@@ -148,3 +148,27 @@ def test_a_request_the_keys_limits_refused_is_not_counted() -> None:
     ring.count([outcome_of(other, "req", 200, 1.0)])
 
     assert (key.usage.requests, key.usage.prompt_tokens, key.usage.completion_tokens) == (1, 3, 2)
+
+
+def test_a_name_taken_again_is_one_account_in_the_store() -> None:
+    """Used, revoked and made again under the same name before anything was written: the store
+    gets the name's usage once (the old key's object must not be the one brought up to date)."""
+
+    async def scenario() -> tuple[Store, int]:
+        store = Store()
+        ring = ring_of()
+        await ring.attach(store)
+        old, _ = await ring.create("team", KeyLimits())
+        use(ring, "team", 5, 2)
+        use(ring, "team", 5, 2)
+        await ring.revoke(old)
+        new, _ = await ring.create("team", KeyLimits())  # keeps the name's month, unwritten
+        await write(ring)
+        use(ring, "team", 5, 2)
+        await write(ring)
+        await ring.aclose()
+        return store, new.usage.requests
+
+    store, requests = asyncio.run(scenario())
+    assert requests == 3
+    assert list(store.rows.values()) == [[3, 15, 6, 0.0]]

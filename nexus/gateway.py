@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 from .backends import SUPPORTED_TYPES
 from .config import BackendSettings, Settings
-from .cost.ledger import STATUS_LEVEL, month_of
+from .cost.ledger import STATUS_LEVEL
 from .cost.meter import CostMeter
 from .dispatch import Dispatcher
 from .health import HealthChecker
-from .keys.ring import ClientKey, KeyRing, Usage
+from .keys.ring import KeyRing
 from .managed import ManagedServer
 from .registry import Backend, Registry, Status
 from .telemetry.history import History
@@ -54,24 +54,24 @@ class Gateway:
         cannot), so the per-key series stay as bounded as the key set."""
         return self.keys is not None and self.keys.get(name) is not None
 
-    def month_usage(self, key: ClientKey) -> Usage:
-        """``key``'s usage this UTC month (a month that has begun is started first)."""
-        self.telemetry.drain()  # what ended just now counts
+    def key_ring(self) -> KeyRing | None:
+        """The key set with each key's usage up to date: the requests that ended just now are
+        counted and a month that has begun is started (None before the key set is loaded)."""
         if self.keys is not None:
+            self.telemetry.drain()
             self.keys.roll()
-        return key.usage
+        return self.keys
 
     def key_views(self) -> list[KeyView]:
         """Each key's month for the scrape-time gauges (none before the key set is loaded)."""
-        ring = self.keys
+        ring = self.key_ring()
         if ring is None:
             return []
-        month = month_of(ring.clock())
         return [
             KeyView(
                 name=key.name,
-                month=month,
-                spent_usd=self.month_usage(key).cost_usd,
+                month=ring.month,
+                spent_usd=key.usage.cost_usd,
                 limit_usd=key.limits.monthly_budget_usd,
                 in_flight=key.window.in_flight,
             )

@@ -128,12 +128,13 @@ def stats_of(gateway: Gateway) -> dict[str, object]:
     if spend is not None:
         view["cost_usd"] = spend.budget["current_spending_usd"]
         view["budget"] = spend.budget
-    if gateway.keys is not None:
-        view["keys"] = key_rows(gateway, gateway.keys)
+    ring = gateway.key_ring()
+    if ring is not None:
+        view["keys"] = key_rows(ring)
     return view
 
 
-def key_rows(gateway: Gateway, ring: KeyRing) -> list[dict[str, object]]:
+def key_rows(ring: KeyRing) -> list[dict[str, object]]:
     """Each client key's month to date (kept across restarts by the key set), its calls in flight
     and its limits. A key is shown by name and prefix only: never the secret, and not its owner
     either (``/v1/stats`` and the dashboard are open to whoever reaches the port; the admin API,
@@ -142,7 +143,6 @@ def key_rows(gateway: Gateway, ring: KeyRing) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for key in sorted(ring, key=lambda k: k.name):
         limits = key.limits
-        usage = gateway.month_usage(key)
         if key.revoked_at is not None:
             status = "revoked"
         elif now >= key.expires:
@@ -155,7 +155,7 @@ def key_rows(gateway: Gateway, ring: KeyRing) -> list[dict[str, object]]:
                 "prefix": key.prefix,
                 "source": key.source,
                 "status": status,
-                **usage.view(),
+                **key.usage.view(),
                 "in_flight": key.window.in_flight,
                 "reserved_usd": round(key.reserved_usd, 8),
                 "limits": {

@@ -100,7 +100,6 @@ class OwnUsage:
         if key is None:
             raise Unauthorized("GET /v1/usage needs [auth] enabled = true and a key")
         ring = _ring(gateway)
-        ring.roll()
         now = ring.clock()
         requests_left, tokens_left = key.window.remaining(now)
         limits = key.limits
@@ -123,11 +122,11 @@ class OwnUsage:
 
 
 def _ring(gateway: Gateway) -> KeyRing:
-    """The key set, with the requests that ended just now counted (see ``KeyRing.count``)."""
-    if gateway.keys is None:  # only before start-up has finished
+    """The key set, each key's usage up to date (``Gateway.key_ring``)."""
+    ring = gateway.key_ring()
+    if ring is None:  # only before start-up has finished
         raise Conflict("client keys are not loaded yet")
-    gateway.telemetry.drain()
-    return gateway.keys
+    return ring
 
 
 def _writable(key: ClientKey) -> None:

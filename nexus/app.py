@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 import sqlite3
 from collections.abc import AsyncIterator, Mapping
 
@@ -12,6 +15,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from .admission import SharedAdmission
 from .api.admin import Health, History, Live, Metrics, Ready, Stats
 from .api.auth import Auth
 from .api.backends import AdminBackends, BackendList
@@ -23,7 +27,14 @@ from .api.middleware import GatewayMiddleware
 from .api.openai import ChatCompletions, Embeddings, Models
 from .api.responses import Responses
 from .backends import Adapters, HTTP1Client, ProxyRules, Timeouts
-from .config import ConfigError, Settings, state_path, upstream_network
+from .config import (
+    ConfigError,
+    Settings,
+    redis_address,
+    redis_password,
+    state_path,
+    upstream_network,
+)
 from .cost.ledger import Ledger
 from .cost.meter import CostMeter
 from .cost.pricing import PriceBook
@@ -39,6 +50,7 @@ from .queueing import RequestQueue
 from .registry import Backend, Registry, Status
 from .routing.planner import Router
 from .state.sqlite import SQLiteStore
+from .state.store import StateStore, Unreachable
 
 log = logging.getLogger("nexus.app")
 
@@ -52,6 +64,7 @@ def create_app(
     registry = Registry(backend_from(spec, environ) for spec in specs)
     # Keys can be managed (and are kept) with [auth] off; they are required only with it on.
     keys = KeyRing(settings.auth.keys, flush_interval=settings.state.flush_interval_seconds)
+    shared = SharedSetup(settings, environ) if settings.state.backend == "redis" else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -74,11 +87,13 @@ def create_app(
                         ",".join(network.no_proxy) or "none",
                     )
             stack.push_async_callback(client.aclose)
-            meter = await open_meter(settings, environ)
+            meter = await open_meter(settings, environ, shared.store if shared else None)
             stack.push_async_callback(meter.ledger.aclose)
             if meter.ledger.store is not None:
                 await keys.attach(meter.ledger.store)
                 stack.push_async_callback(keys.aclose)
+            router = Router(registry, settings.routing, settings.quality, budget=meter)
+            admission = await shared.start(meter, keys, auth, router, stack) if shared else None
             if settings.auth.enabled:
                 live = sum(1 for k in keys if k.revoked_at is None)
                 log.info("client keys required on the inference routes (%d keys)", live)
@@ -89,18 +104,20 @@ def create_app(
                 registry,
                 adapters,
                 health,
-                Router(registry, settings.routing, settings.quality, budget=meter),
+                router,
                 queue=RequestQueue(queue.max_size) if queue.enabled and queue.max_size else None,
                 max_wait_seconds=queue.max_wait_seconds,
                 max_retries=settings.routing.max_retries,
                 meter=meter,
                 keys=keys,
+                shared=admission,
             )
             # Capacity back through health (recovery, discovery, the admin API) wakes the queue.
             health.on_capacity = dispatcher.capacity_returned
             app.state.gateway = Gateway(
-                settings, registry, health, dispatcher, meter=meter, keys=keys
-            )
+                settings, registry, health, dispatcher, meter=meter, keys=keys,
+                gate=admission.gate if admission is not None else None,
+            )  # fmt: skip
             for backend in registry:
                 if backend.unavailable:
                     log.warning("backend %s is unusable: %s", backend.name, backend.unavailable)
@@ -168,20 +185,91 @@ def create_app(
     return GatewayMiddleware(starlette, hot_routes, Guard.of(settings.server), auth)
 
 
-async def open_meter(settings: Settings, environ: Mapping[str, str] | None) -> CostMeter:
-    """Prices (the genai-prices snapshot is read off the loop) and the month's spend so far."""
+async def open_meter(
+    settings: Settings, environ: Mapping[str, str] | None, shared: StateStore | None = None
+) -> CostMeter:
+    """Prices (the genai-prices snapshot is read off the loop) and the month's spend so far,
+    from the SQLite file or, with ``shared``, from Redis (when it can be reached)."""
     prices = PriceBook(settings.pricing)
     await asyncio.to_thread(prices.load)
-    path = state_path(settings.state, environ)
-    try:
-        store = await asyncio.to_thread(SQLiteStore, path)
-    except (OSError, sqlite3.Error) as exc:
-        raise ConfigError(f"state.path: cannot open the state database {path}: {exc}") from None
+    store = shared
+    if store is None:
+        path = state_path(settings.state, environ)
+        try:
+            store = await asyncio.to_thread(SQLiteStore, path)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"state.path: cannot open the state database {path}: {exc}") from None
     ledger = Ledger(
         settings.routing.budget, store, flush_interval=settings.state.flush_interval_seconds
     )
-    await ledger.load()
+    try:
+        await ledger.load()
+    except Exception as exc:  # Redis is down: start degraded, the spend is read when it is back
+        if shared is None:
+            raise
+        log.error("the month's spend could not be read from Redis: %s", exc)
     return CostMeter(prices, ledger)
+
+
+class SharedSetup:
+    """``[state] backend = "redis"``: the store, the gate and the admission, for one replica."""
+
+    def __init__(self, settings: Settings, environ: Mapping[str, str] | None) -> None:
+        from .state.redis import RedisStore, RedisTarget  # redis-py only when it is used
+        from .state.redis_gate import RedisGate
+
+        state = settings.state
+        assert state.redis_url is not None  # checked with the settings
+        address = redis_address(state.redis_url)
+        target = RedisTarget(
+            address.host, address.port, address.db, address.tls, address.username,
+            redis_password(state, environ), address.shown,
+        )  # fmt: skip
+        # the replica's name: what it holds in Redis is kept under it
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.target = target
+        client = target.resp_client()  # one pipelined connection for the gate and the batches
+        self.store = RedisStore(target, state.redis_prefix, self.replica, client)
+        self.gate = RedisGate(target, state.redis_prefix, self.replica, client)
+        self.admission: SharedAdmission | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(
+        self,
+        meter: CostMeter,
+        keys: KeyRing,
+        auth: Auth | None,
+        router: Router,
+        stack: contextlib.AsyncExitStack,
+    ) -> SharedAdmission:
+        """Join the fleet (or start degraded when Redis is down); stopped with ``stack``."""
+        gate = self.gate
+        admission = self.admission = SharedAdmission(gate, meter.ledger, keys)
+        stack.push_async_callback(self.stop)
+        if auth is not None:
+            auth.shared = admission  # limited keys are admitted in Redis
+        try:
+            await gate.renew(admission.holdings())
+            await self.store.connect()
+            log.info("state in Redis at %s (%s), %d replicas live, this one %s",
+                     self.target.shown, await asyncio.to_thread(self.store.persistence),
+                     gate.replicas, self.replica)  # fmt: skip
+        except Unreachable as exc:
+            gate.trouble(exc.__cause__ or exc)  # started degraded: each limit at its share
+        gate.on_back.append(self.store.connect)  # a restarted Redis has lost the scripts
+        gate.on_back.append(keys.resync)
+        gate.on_back.append(meter.ledger.load_once)  # when it started while Redis was down
+        learned = None
+        if router.routing.shared_affinity and router.routing.affinity:
+            router.share_affinity, learned = gate.share_affinity, router.learned
+        self._task = asyncio.create_task(gate.run(admission.holdings, keys.refresh, learned))
+        return admission
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.gate.aclose()
 
 
 def timeouts_of(settings: Settings) -> Timeouts:

@@ -154,10 +154,70 @@ class PricingEntry(_Section):
 
 
 class StateSettings(_Section):
-    """Where what must survive a restart (month-to-date spend) is kept (ours)."""
+    """Where what must survive a restart (month-to-date spend, keys) is kept (ours): an embedded
+    SQLite file, or a Redis server that replicas share."""
 
+    backend: Literal["sqlite", "redis"] = "sqlite"
     path: str | None = None  # default: $XDG_STATE_HOME/nexus/state.db (~/.local/state/nexus)
     flush_interval_seconds: Annotated[float, Field(gt=0, le=1)] = 0.2
+    # backend = "redis": redis://[user@]host[:port][/db] or rediss:// (TLS); the password is
+    # never in the file, but in the environment variable redis_password_env names.
+    redis_url: str | None = None
+    redis_password_env: str | None = None
+    redis_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9:._-]{1,64}$")] = "nexus:"
+
+    @model_validator(mode="after")
+    def _check_redis(self) -> StateSettings:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("backend = 'redis' needs redis_url (redis://host:6379/0)")
+        if self.redis_url is not None:
+            redis_address(self.redis_url)
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    """Where the shared state lives: ``[state] redis_url``, checked."""
+
+    tls: bool
+    host: str
+    port: int
+    db: int
+    username: str | None
+    shown: str  # as logged: never a password (there is none in the URL)
+
+
+def redis_address(url: str) -> RedisAddress:
+    """``redis://[user@]host[:port][/db]`` or ``rediss://``; a ValueError that says what is
+    wrong otherwise (a password in the URL among them: it belongs in redis_password_env)."""
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"redis_url '{shown}' is not a URL ({exc})") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"redis_url '{shown}' must start with redis:// or rediss:// (TLS)")
+    if not parts.hostname:
+        raise ValueError(f"redis_url '{shown}' has no host")
+    if parts.password is not None:
+        raise ValueError(
+            f"redis_url '{shown}' carries a password: put it in an environment variable and "
+            "name that variable in redis_password_env"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f"redis_url '{shown}': no query or fragment is understood")
+    path = parts.path.strip("/")
+    if path and not (path.isdigit() and int(path) < 16384):
+        raise ValueError(f"redis_url '{shown}': the path is the database number (/0)")
+    return RedisAddress(
+        tls=parts.scheme == "rediss",
+        host=parts.hostname,
+        port=port or 6379,
+        db=int(path or 0),
+        username=unquote(parts.username) if parts.username else None,
+        shown=shown,
+    )
 
 
 KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -233,6 +293,9 @@ class RoutingSettings(_Section):
     # recently, so that its prompt cache is reused (ours).
     affinity: bool = True
     affinity_ttl_seconds: Annotated[float, Field(gt=0)] = 600
+    # With [state] backend = "redis": replicas share where each conversation was served, so a
+    # conversation goes back to its backend whichever replica the load balancer picks (ours).
+    shared_affinity: bool = False
     # Requests a backend takes at once when neither it (llama.cpp slots) nor its entry says (ours).
     default_max_concurrent: Annotated[int, Field(ge=1)] = 100
 
@@ -533,6 +596,21 @@ def state_path(settings: StateSettings, environ: Mapping[str, str] | None = None
     env = os.environ if environ is None else environ
     base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "nexus" / "state.db"
+
+
+def redis_password(settings: StateSettings, environ: Mapping[str, str] | None = None) -> str | None:
+    """The Redis password, from the variable ``redis_password_env`` names; a ConfigError when
+    that variable is named but not set (the server would refuse every call)."""
+    variable = settings.redis_password_env
+    if not variable:
+        return None
+    value = secret(variable, environ)
+    if value is None:
+        raise ConfigError(
+            f"state.redis_password_env: the environment variable {variable} is not set "
+            "(it holds the Redis password)"
+        )
+    return value
 
 
 def host_name(value: str) -> str:

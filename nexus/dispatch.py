@@ -26,6 +26,7 @@ from typing import Literal, TypeVar
 
 import orjson
 
+from .admission import SharedAdmission
 from .backends import Adapter, Adapters, Call, Completion, Inbound, StartedStream
 
 __all__ = ["Dispatcher", "Inbound", "Served", "StreamResult"]
@@ -125,9 +126,11 @@ class Dispatcher:
         clock: Callable[[], float] = time.monotonic,
         meter: CostMeter | None = None,
         keys: KeyRing | None = None,
+        shared: SharedAdmission | None = None,
     ) -> None:
         self.meter = meter
         self.keys = keys
+        self.shared = shared  # [state] backend = "redis": limits and budgets checked there
         self.registry = registry
         self.adapters = adapters
         self.health = health
@@ -333,7 +336,7 @@ class Dispatcher:
                 adapter = self.adapters.for_type(step.backend.type)
                 if adapter is None:
                     continue
-                charge = self._charge(step, request) if self.meter is not None else None
+                charge = await self._charge_of(step, request, trace)
                 if charge is not None and charge.reservation is None:
                     # The budget cannot hold its worst case: as if planned out (not a try).
                     refused = True
@@ -468,13 +471,40 @@ class Dispatcher:
             return Charge(price, worst, None, key_refused=True)
         return Charge(price, worst, reservation, key=key)
 
+    async def _charge_of(self, step: Step, request: RouteRequest, trace: Trace) -> Charge | None:
+        if self.shared is not None:
+            return await self._shared_charge(step, request, trace)
+        return self._charge(step, request) if self.meter is not None else None
+
+    async def _shared_charge(
+        self, step: Step, request: RouteRequest, trace: Trace
+    ) -> Charge | None:
+        """The request's admission in the shared store: its key's rate limits (at its first
+        step) and the step's reservation, in one round trip (``nexus.admission``)."""
+        assert self.shared is not None
+        meter, backend = self.meter, step.backend
+        price = meter.price(backend, step.model) if meter is not None else None
+        worst = None
+        if price is not None and meter is not None:
+            needs = request.requirements
+            worst = meter.bound(
+                price, backend, step.model, needs.prompt_bound, needs.max_tokens, needs.embeddings
+            )
+        key = request.access if isinstance(request.access, ClientKey) else None
+        held = await self.shared.admit(trace, key, worst, backend.zone == "open")
+        if price is None or held is None or worst is None:
+            return None
+        if held.reservation is None:
+            return Charge(price, worst, None, key_refused=held.key_refused)
+        return Charge(price, worst, held.reservation, key=key if held.key_held else None)
+
     def _release_charge(self, charge: Charge | None) -> None:
         if charge is not None and not charge.settled:
             charge.settled = True
             assert self.meter is not None
             self.meter.ledger.release(charge.reservation)
-            if charge.key is not None:
-                charge.key.release(charge.worst)
+            if charge.key is not None and self.keys is not None:
+                self.keys.release(charge.key, charge.worst, charge.reservation)
 
     def _settle(
         self,
@@ -508,7 +538,8 @@ class Dispatcher:
         )
         key = request.access
         if isinstance(key, ClientKey) and self.keys is not None:
-            self.keys.charge(key, charge.worst if charge.key is not None else 0.0, cost)
+            held = charge.worst if charge.key is not None else 0.0
+            self.keys.charge(key, held, cost, charge.reservation)
         trace.cost_usd = cost if trace.cost_usd is None else trace.cost_usd + cost
 
     def _tell_budget(self, exc: NexusError) -> None:

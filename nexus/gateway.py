@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .backends import SUPPORTED_TYPES
 from .config import BackendSettings, Settings
@@ -20,6 +21,9 @@ from .telemetry.metrics import FleetView, KeyView, Metrics, SpendView
 from .telemetry.outcomes import Consumer, Telemetry
 from .telemetry.stats import Stats
 
+if TYPE_CHECKING:  # redis is imported only with [state] backend = "redis"
+    from .state.redis_gate import RedisGate
+
 
 @dataclass(slots=True)
 class Gateway:
@@ -30,6 +34,7 @@ class Gateway:
     managed: list[ManagedServer] = field(default_factory=list)
     meter: CostMeter | None = None
     keys: KeyRing | None = None  # client keys, when [auth] is on
+    gate: RedisGate | None = None  # the shared state, with [state] backend = "redis"
     telemetry: Telemetry = field(init=False)
     metrics: Metrics = field(init=False)
     stats: Stats = field(init=False)
@@ -86,6 +91,8 @@ class Gateway:
             healthy={b.name: b.healthy for b in backends},
             models_available=len(self.registry.model_ids(healthy_only=True)),
             queue_depth=queue.depth if queue is not None else 0,
+            state_degraded=None if self.gate is None else self.gate.down is not None,
+            state_degraded_seconds=0.0 if self.gate is None else self.gate.degraded_total(),
         )
 
     def spend(self) -> SpendView | None:

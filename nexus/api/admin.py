@@ -27,7 +27,7 @@ def health_summary(gateway: Gateway) -> dict[str, object]:
         status = "degraded"
     else:
         status = "unhealthy"
-    return {
+    summary: dict[str, object] = {
         "status": status,
         "version": __version__,
         "uptime_seconds": gateway.uptime_seconds(),
@@ -38,6 +38,18 @@ def health_summary(gateway: Gateway) -> dict[str, object]:
         },
         "models": len(gateway.registry.model_ids(healthy_only=True)),
     }
+    gate = gateway.gate
+    if gate is not None:  # replicas: the shared state's reach
+        summary["state"] = {
+            "backend": "redis",
+            "status": "degraded" if gate.down else "ok",
+            "reason": gate.down,
+            "replicas": gate.replicas,
+            "degraded_seconds": round(gate.degraded_total(), 3),
+        }
+        if gate.down and status == "healthy":
+            summary["status"] = "degraded"
+    return summary
 
 
 class Health:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 from starlette.types import Scope
 
+from ..admission import SharedAdmission
 from ..errors import RateLimited, Unauthorized
 from ..keys.ring import ClientKey, KeyRing
 from ..keys.tokens import MAX_KEY_LENGTH, hash_of
@@ -27,8 +28,16 @@ ASK = "send your Nexus key as 'Authorization: Bearer <key>' or 'x-api-key: <key>
 
 
 class Auth:
-    def __init__(self, ring: KeyRing, inference_paths: set[str]) -> None:
+    def __init__(
+        self,
+        ring: KeyRing,
+        inference_paths: set[str],
+        shared: SharedAdmission | None = None,
+    ) -> None:
         self.ring = ring
+        # [state] backend = "redis": a limited key's admission is made in the store, at
+        # dispatch (with the budget's reservation, in one round trip)
+        self.shared = shared
         self.inference = frozenset(inference_paths)  # admitted against the key's limits
         self.paths = self.inference | {MODELS_PATH, USAGE_PATH}  # need a key
         # Header values already found to carry a key: the next request with the same value
@@ -75,10 +84,12 @@ class Auth:
             self._seen.clear()
         self._seen[bytes(first)] = key
 
-    def admit(self, key: ClientKey) -> bytes:
+    def admit(self, key: ClientKey) -> bytes | None:
         """Count the request against the key's limits and answer its rate-limit header lines,
-        or refuse it with when to retry."""
+        or refuse it with when to retry; None when the shared store admits it later."""
         ring = self.ring
+        if self.shared is not None and self.shared.defers(key):
+            return None
         now = ring.clock()
         if now >= ring.next_month:
             ring.roll()  # the key's budget is this month's before anything reserves from it

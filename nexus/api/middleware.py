@@ -33,6 +33,9 @@ from .http import RAW_HEAD, ClientGone, header_pairs, send_json
 
 REQUEST_ID_KEY = "nexus.request_id"
 TRACE_KEY = "nexus.trace"
+# The inference routes whose key admission, with the shared store, dispatch makes (the others,
+# count_tokens, are admitted before their handler runs).
+DISPATCHED = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/messages", "/v1/responses"})
 access_log = logging.getLogger("nexus.access")
 log = logging.getLogger("nexus.api")
 API_OF = {"/v1/messages": "messages", "/v1/responses": "responses"}
@@ -69,12 +72,15 @@ class GatewayMiddleware:
 
         start: list[Message] = []
         key: ClientKey | None = None
-        rate = b""  # a keyed request's x-ratelimit-* header lines
+        # a keyed request's x-ratelimit-* header lines; None: the shared store admits it at
+        # dispatch, and they are on its trace
+        rate: bytes | None = b""
         raw_head = RAW_HEAD in (scope.get("extensions") or ())
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                lines = b"x-request-id: " + request_id + b"\r\n" + rate
+                lines = b"x-request-id: " + request_id + b"\r\n"
+                lines += rate if rate is not None else trace_of(scope).rate
                 if raw_head:  # the request id is safe (``_SAFE_ID`` or ours), the rest is ours
                     message[RAW_HEAD] = lines
                 else:
@@ -101,7 +107,7 @@ class GatewayMiddleware:
             scope[KEY_SCOPE] = key
             await self.app(scope, receive, send_with_id)
             return
-        await self._serve(handler, scope, receive, send_with_id, start, render, key)
+        await self._serve(handler, scope, receive, send_with_id, start, render, key, rate is None)
 
     async def _serve(
         self,
@@ -112,13 +118,19 @@ class GatewayMiddleware:
         start: list[Message],
         render: Render,
         key: ClientKey | None,
+        deferred: bool = False,
     ) -> None:
-        """Run an inference handler; its errors in its envelope; its outcome recorded."""
+        """Run an inference handler; its errors in its envelope; its outcome recorded.
+        ``deferred``: the key's admission is made in the shared store, at dispatch."""
         began = time.perf_counter()
         trace = scope[TRACE_KEY] = Trace()
         trace.client_key = key
         scope["app"] = self.app  # handlers reach the gateway through it, as under Starlette
         try:
+            if deferred:
+                trace.pending = key
+                if scope["path"] not in DISPATCHED and self.auth is not None:
+                    await self._admit_shared(trace)
             await handler(scope, receive, send_with_id)
         except ClientGone:
             trace.error_type = "client_gone"
@@ -142,8 +154,11 @@ class GatewayMiddleware:
                 error = InternalError("Internal error in Nexus; the log has the details")
                 await send_json(send_with_id, 500, error.body())
         finally:
-            if key is not None:
-                key.window.in_flight -= 1  # its usage is counted from its outcome (KeyRing.count)
+            if key is not None:  # its usage is counted from its outcome (KeyRing.count)
+                if not deferred:
+                    key.window.in_flight -= 1
+                elif self.auth is not None and self.auth.shared is not None:
+                    self.auth.shared.finished(key, trace)
         seconds = time.perf_counter() - began
         status = start[0]["status"] if start else 499
         outcome = outcome_of(trace, scope[REQUEST_ID_KEY], status, seconds * 1000)
@@ -152,6 +167,11 @@ class GatewayMiddleware:
             gateway.telemetry.record(outcome)
         if access_log.isEnabledFor(logging.INFO):
             _log_request(scope["path"], outcome, trace.content)
+
+    async def _admit_shared(self, trace: Trace) -> None:
+        """A route that does not dispatch (count_tokens): the key's admission, here."""
+        assert self.auth is not None and self.auth.shared is not None
+        await self.auth.shared.admit(trace, None, None, cloud=False)
 
     def _record_refusal(self, scope: Scope, key: ClientKey, refusal: NexusError) -> None:
         """A keyed request its limits refused still counts in the key's history and metrics."""
@@ -180,7 +200,7 @@ class GatewayMiddleware:
         await self.app(scope, receive, send)
 
 
-Keyed = tuple[NexusError | None, ClientKey | None, ClientKey | None, bytes]
+Keyed = tuple[NexusError | None, ClientKey | None, ClientKey | None, bytes | None]
 
 
 def _keyed(auth: Auth, scope: Scope) -> Keyed:

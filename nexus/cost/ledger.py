@@ -7,6 +7,12 @@ concurrent requests cannot all pass the check before any of them is counted (Lit
 When the answer ends, the reservation is settled with the real cost (or released when nothing
 was used). Settled spend is written to the store in batches, off the loop, within
 ``flush_interval`` seconds; months are UTC calendar months.
+
+With a shared store (Redis, for replicas), the check and reservation are made in the store by the
+request's admission (``nexus.admission``) and recorded here with ``held``; what is freed travels
+with the settled spend, in the same batch, so the store never counts a call twice or not at all.
+A batch that could not be written is kept as it is and sent again (the store counts a batch id
+once), so nothing is lost while the store is out of reach.
 """
 
 from __future__ import annotations
@@ -17,17 +23,19 @@ import concurrent.futures
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 from ..config import BudgetSettings
-from ..state.store import Spend, StateStore
+from ..state.store import SharedStore, Spend, StateStore
 
 log = logging.getLogger("nexus.cost")
 
 NORMAL, SOFT_LIMIT, HARD_LIMIT = "Normal", "SoftLimit", "HardLimit"
 STATUS_LEVEL = {NORMAL: 0, SOFT_LIMIT: 1, HARD_LIMIT: 2}
+SOON = 0.0  # seconds before freed reservations are written to a shared store: at once
 CLOSE_ATTEMPTS = 3  # writes of the last batch at shutdown before its spend is given up
 
 
@@ -46,6 +54,17 @@ class Reservation:
     amount: float
     cloud: bool
     open: bool = True
+    month: str = ""  # set when the shared store holds it (freed there, under this month)
+    urgent: bool = False  # the budget is tight: free it in the store at once, not in a batch
+
+
+@dataclass(slots=True)
+class Batch:
+    """Settled spend and freed reservations, written together, under one id."""
+
+    spends: list[Spend]
+    freed: list[tuple[str, float]]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass(slots=True)
@@ -89,8 +108,14 @@ class Ledger:
         self._tell_at = math.inf if self.limit is None else self.limit * self.soft_fraction
         self.totals: dict[tuple[str, str], Totals] = {}  # (backend, model) -> month to date
         self._pending: dict[tuple[str, str, str], Totals] = {}  # (month, backend, model)
-        self._timer: asyncio.TimerHandle | None = None
-        self._writes: set[asyncio.Future[None]] = set()
+        self.shared = store is not None and store.shared  # reservations live in the store
+        self._freed: dict[str, float] = {}  # month -> reservations freed, not yet written
+        self._unsent: list[Batch] = []  # batches whose write failed: sent again, as they are
+        self._again = False  # a flush came while a write was in flight (shared stores)
+        self.loaded = store is None  # the month's spend was read back (nothing to read: True)
+        self._timer: asyncio.Handle | None = None  # (uvloop answers call_later(0) with a Handle)
+        self._due = 0.0  # when the timer fires (loop time)
+        self._writes: set[asyncio.Future[Any]] = set()
         self._writer = (
             concurrent.futures.ThreadPoolExecutor(1, "nexus-state") if store is not None else None
         )
@@ -102,6 +127,7 @@ class Ledger:
             return
         loop = asyncio.get_running_loop()
         rows = await loop.run_in_executor(self._writer, self.store.month, self.month)
+        self.loaded = True
         for row in rows:
             totals = self.totals.setdefault((row.backend, row.model), Totals())
             totals.cost_usd += row.cost_usd
@@ -111,6 +137,11 @@ class Ledger:
             self.spent += row.cost_usd
         if rows:
             log.info("month %s so far: $%.4f spent (from %s)", self.month, self.spent, "the store")
+
+    async def load_once(self) -> None:
+        """``load``, unless the month was read already."""
+        if not self.loaded:
+            await self.load()
 
     async def aclose(self) -> None:
         """Write what is pending and wait for every write to finish; a failed write (put back
@@ -124,18 +155,21 @@ class Ledger:
             self._flush()
             if self._writes:
                 await asyncio.gather(*self._writes, return_exceptions=True)
-            if not self._pending:
+            if not self._pending and not self._unsent:
                 break
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._pending:
+        if self._pending or self._unsent:
             lost = sum(t.cost_usd for t in self._pending.values())
+            lost += sum(s.cost_usd for batch in self._unsent for s in batch.spends)
             log.error("could not write $%.6f of spend to the state store at shutdown", lost)
         if self._writer is not None:
             self._writer.shutdown(wait=True)
         if self.store is not None:
             self.store.close()
+            if self.shared:
+                await cast(SharedStore, self.store).aclose()
 
     # --- the budget ----------------------------------------------------------------------
     @property
@@ -156,9 +190,12 @@ class Ledger:
         """The hard-limit action keeps this kind of backend out."""
         return self.action == "block_all" or (self.action == "block_cloud" and cloud)
 
-    def reserve(self, amount: float, *, cloud: bool) -> Reservation | None:
-        """Hold ``amount`` for a call; None when it would pass a limit that blocks it."""
-        limit = self.limit
+    def reserve(
+        self, amount: float, *, cloud: bool, limit: float | None = None
+    ) -> Reservation | None:
+        """Hold ``amount`` for a call; None when it would pass a limit that blocks it (the
+        monthly limit, or ``limit`` when given: a replica's share while the store is away)."""
+        limit = self.limit if limit is None else limit
         if limit is not None and self.blocks(cloud):
             self._roll()
             if self.spent + self.reserved + amount > limit:
@@ -167,6 +204,22 @@ class Ledger:
         self.reserved += amount
         self.open_reservations += 1
         return Reservation(amount, cloud)
+
+    def held(self, amount: float, cloud: bool, month: str, urgent: bool = False) -> Reservation:
+        """A reservation the shared store made (and checked) for this replica; ``urgent``:
+        another like it would not fit, so it is freed there as soon as it ends."""
+        self.reserved += amount
+        self.open_reservations += 1
+        return Reservation(amount, cloud, month=month, urgent=urgent)
+
+    def refused_by_store(self) -> None:
+        self.refused += 1
+
+    def fleet_spent(self, total: float, month: str) -> None:
+        """The month's spend across the replicas, as the shared store last said."""
+        if month == self.month:
+            unsent = sum(t.cost_usd for (m, _, _), t in self._pending.items() if m == month)
+            self.spent = max(total + unsent, 0.0)
 
     def release(self, reservation: Reservation | None) -> None:
         """Nothing was used (the call failed before the backend did any work)."""
@@ -178,6 +231,10 @@ class Ledger:
             self.reserved = max(self.reserved - reservation.amount, 0.0)
         else:
             self.reserved = 0.0  # no drift from float sums once nothing is held
+        if reservation.month:  # the store holds it too: freed there with the next batch
+            freed = self._freed
+            freed[reservation.month] = freed.get(reservation.month, 0.0) + reservation.amount
+            self._later(soon=reservation.urgent)
 
     def settle(
         self,
@@ -206,9 +263,20 @@ class Ledger:
         if pending is None:
             pending = self._pending[pending_key] = Totals()
         pending.add(cost, prompt_tokens, completion_tokens)
-        if self._timer is None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self.flush_interval, self._flush)
+        self._later()
+
+    def _later(self, soon: bool = False) -> None:
+        """Write within ``flush_interval``; ``soon``: within a few ms (a reservation held in the
+        shared store is freed there promptly, so the fleet's budget is not held up by it),
+        unless writes are failing."""
+        loop = asyncio.get_running_loop()
+        delay = SOON if soon and not self._unsent else self.flush_interval
+        due = loop.time() + delay
+        if self._timer is not None:
+            if self._due <= due:
+                return
+            self._timer.cancel()
+        self._timer, self._due = loop.call_later(delay, self._flush), due
 
     def snapshot(self) -> dict[str, Any]:
         """The ``budget`` object of ``/v1/stats``."""
@@ -272,32 +340,95 @@ class Ledger:
 
     def _flush(self) -> None:
         self._timer = None
-        if not self._pending or self.store is None or self._writer is None:
+        if self.store is None or self._writer is None:
             return
-        batch = [
-            Spend(
-                month, backend, model, t.cost_usd, t.requests, t.prompt_tokens, t.completion_tokens
-            )  # fmt: skip
-            for (month, backend, model), t in self._pending.items()
-        ]
-        self._pending = {}
+        if self.shared and self._writes:  # one write at a time: what comes meanwhile is the
+            self._again = True  # next batch, sent as soon as this one is answered
+            return
+        batches, self._unsent = self._unsent, []
+        if self._pending or self._freed:
+            spends = [
+                Spend(
+                    month,
+                    backend,
+                    model,
+                    t.cost_usd,
+                    t.requests,
+                    t.prompt_tokens,
+                    t.completion_tokens,
+                )  # fmt: skip
+                for (month, backend, model), t in self._pending.items()
+            ]
+            batches.append(Batch(spends, list(self._freed.items())))
+            self._pending, self._freed = {}, {}
+        if not batches:
+            return
         loop = asyncio.get_running_loop()
-        write = loop.run_in_executor(self._writer, self.store.add, batch)
+        write: asyncio.Future[tuple[int, tuple[float, str] | None]]
+        if self.shared:  # from the loop: ahead of the next admission, on any replica
+            write = asyncio.ensure_future(self._write_shared(batches))
+        else:
+            write = loop.run_in_executor(self._writer, self._write, batches)
         self._writes.add(write)
-        write.add_done_callback(lambda done: self._written(done, batch))
+        write.add_done_callback(lambda done: self._written(done, batches))
 
-    def _written(self, done: asyncio.Future[None], batch: list[Spend]) -> None:
+    def _write(self, batches: list[Batch]) -> tuple[int, tuple[float, str] | None]:
+        """In the writer thread: the batches in order, up to the first that fails; how many
+        were written, and the month's spend across the replicas (shared stores) with its month."""
+        store = self.store
+        assert store is not None
+        fleet = None
+        for done, batch in enumerate(batches):
+            try:
+                if self.shared:
+                    total = store.settle(batch.id, batch.spends, batch.freed)
+                    if total is not None and batch.spends:
+                        fleet = (total, batch.spends[-1].month)
+                else:
+                    store.add(batch.spends)
+            except Exception as exc:
+                if done == 0:
+                    raise
+                log.error("could not write the spend to the state store (kept, tried again): "
+                          "%s", exc)  # fmt: skip
+                return done, fleet
+        return len(batches), fleet
+
+    async def _write_shared(self, batches: list[Batch]) -> tuple[int, tuple[float, str] | None]:
+        """``_write`` for a shared store, from the event loop."""
+        store = cast(SharedStore, self.store)
+        fleet = None
+        for done, batch in enumerate(batches):
+            try:
+                total = await store.asettle(batch.id, batch.spends, batch.freed)
+            except Exception:
+                if done == 0:
+                    raise
+                return done, fleet
+            if total is not None and batch.spends:
+                fleet = (total, batch.spends[-1].month)
+        return len(batches), fleet
+
+    def _written(
+        self, done: asyncio.Future[tuple[int, tuple[float, str] | None]], batches: list[Batch]
+    ) -> None:
         self._writes.discard(done)
-        if done.cancelled() or done.exception() is None:
+        if done.cancelled():
             return
-        log.error("could not write the spend to the state store (kept, tried again): %s",
-                  done.exception())  # fmt: skip
-        for spend in batch:  # nothing is lost: back into the next batch
-            key = (spend.month, spend.backend, spend.model)
-            pending = self._pending.setdefault(key, Totals())
-            pending.cost_usd += spend.cost_usd
-            pending.requests += spend.requests
-            pending.prompt_tokens += spend.prompt_tokens
-            pending.completion_tokens += spend.completion_tokens
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(1.0, self._flush)
+        exc = done.exception()
+        if exc is None:
+            written, fleet = done.result()
+            if fleet is not None:
+                self.fleet_spent(*fleet)
+        else:
+            log.error("could not write the spend to the state store (kept, tried again): %s", exc)
+            written = 0
+        if written < len(batches):
+            self._unsent = batches[written:] + self._unsent  # nothing is lost: sent again, as is
+            if self._timer is not None:
+                self._timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._timer, self._due = loop.call_later(1.0, self._flush), loop.time() + 1.0
+        elif self._again:
+            self._again = False
+            self._flush()

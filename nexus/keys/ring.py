@@ -15,16 +15,17 @@ import fnmatch
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
 from ..config import ConfiguredKey, KeyLimits
-from ..cost.ledger import month_of, next_month_start
-from ..state.store import KeyUsage, StateStore, StoredKey
+from ..cost.ledger import SOON, Reservation, month_of, next_month_start
+from ..state.store import KeyUsage, SharedStore, StateStore, StoredKey
 from ..telemetry.outcomes import Outcome
 from .tokens import MAX_KEY_LENGTH, hash_of, new_secret, prefix_of, same
 from .window import RateWindow
@@ -162,10 +163,18 @@ class KeyRing:
         # names of the keys used since the last write: the key is looked up when written (a
         # name taken again after a revocation is one account, whichever key object holds it)
         self._dirty: set[str] = set()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None  # (uvloop answers call_later(0) with a Handle)
+        self._due = 0.0  # when the timer fires (loop time)
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._writes: set[asyncio.Future[None]] = set()
+        self._writes: set[asyncio.Future[Any]] = set()
         self._creating: set[str] = set()  # names whose create is writing to the store
+        # With a shared store: worst cases freed (name -> month, usd) and tokens for the keys'
+        # shared minutes, written with the usage; batches whose write failed, sent again as is.
+        self._freed: dict[str, tuple[str, float]] = {}
+        self._tokens: dict[str, int] = {}
+        self._unsent: list[tuple[str, list[KeyUsage]]] = []
+        self._again = False  # a flush came while a write was in flight (shared stores)
+        self.loaded = True  # False: the store could not be read at start (usage unknown)
 
     def __iter__(self) -> Iterator[ClientKey]:
         return iter(self._by_name.values())
@@ -201,6 +210,7 @@ class KeyRing:
         if now >= self.next_month:
             self._roll(now)
         by_name, dirty = self._by_name, self._dirty
+        shared = self.store is not None and self.store.shared
         for outcome in outcomes:
             name = outcome.key
             if name is None or not outcome.admitted:
@@ -210,6 +220,8 @@ class KeyRing:
                 continue
             prompt, completion = outcome.prompt_tokens or 0, outcome.completion_tokens or 0
             key.window.used(now, prompt + completion)
+            if shared and key.limits.tpm is not None and prompt + completion:
+                self._tokens[name] = self._tokens.get(name, 0) + prompt + completion
             usage = key.usage
             usage.requests += 1
             usage.prompt_tokens += prompt
@@ -218,13 +230,27 @@ class KeyRing:
         if dirty and self._timer is None:
             self._schedule()
 
-    def charge(self, key: ClientKey, worst: float, cost: float) -> None:
-        """A priced call of ``key`` settled: ``cost`` replaces the ``worst`` case it held."""
+    def charge(
+        self, key: ClientKey, worst: float, cost: float, held: Reservation | None = None
+    ) -> None:
+        """A priced call of ``key`` settled: ``cost`` replaces the ``worst`` case it held (in
+        the shared store too when ``held``, its reservation, was made there)."""
         self._roll(self.clock())
-        key.release(worst)
+        self.release(key, worst, held)
         key.usage.cost_usd += cost
         self._dirty.add(key.name)
         self._schedule()
+
+    def release(self, key: ClientKey, worst: float, held: Reservation | None = None) -> None:
+        """``key`` no longer holds ``worst`` (freed in the shared store too when ``held``, its
+        reservation, was made there: with the next batch, or at once when the budget is tight)."""
+        key.release(worst)
+        month = held.month if held is not None else ""
+        if month and worst:
+            _, before = self._freed.get(key.name, (month, 0.0))
+            self._freed[key.name] = (month, before + worst)
+            self._dirty.add(key.name)
+            self._schedule(soon=held is not None and held.urgent)
 
     def retry_at_month_end(self) -> float:
         return max(1.0, self.next_month - self.clock())
@@ -294,7 +320,15 @@ class KeyRing:
         writer = concurrent.futures.ThreadPoolExecutor(1, "nexus-keys")
         self.store, self._writer = store, writer
         loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(writer, store.keys)
+        try:
+            rows = await loop.run_in_executor(writer, store.keys)
+        except Exception as exc:
+            if not store.shared:
+                raise
+            # Redis is down at start: the config's keys serve; the rest is read when it is back
+            log.error("the key set could not be read from the shared store: %s", exc)
+            self.loaded = False
+            return
         for row in rows:
             if row.name in self._by_name or row.hash in self._by_hash:
                 log.warning("key %s in the state database is shadowed by [[auth.keys]]", row.name)
@@ -318,63 +352,173 @@ class KeyRing:
                 )
                 key.written = key.usage.copy()
 
+    async def refresh(self, name: str) -> None:
+        """A shared store announced a change to the key ``name`` (made on any replica): read
+        it again and apply it (a revocation is refused here from then on)."""
+        store, writer = self.store, self._writer
+        if store is None or writer is None:
+            return
+        row = await asyncio.get_running_loop().run_in_executor(writer, store.key, name)
+        if row is not None:
+            self._apply(row)
+
+    async def resync(self) -> None:
+        """Read the whole key set again (changes announced while the store was away)."""
+        store, writer = self.store, self._writer
+        if store is None or writer is None:
+            return
+        loop = asyncio.get_running_loop()
+        for row in await loop.run_in_executor(writer, store.keys):
+            self._apply(row)
+        if not self.loaded:  # the month's usage too, as a start would have read it
+            for used in await loop.run_in_executor(writer, store.key_usage, self.month):
+                key = self._by_name.get(used.name)
+                if key is not None:  # what the store has is written; what is here, pending
+                    for usage in (key.usage, key.written):
+                        usage.requests += used.requests
+                        usage.prompt_tokens += used.prompt_tokens
+                        usage.completion_tokens += used.completion_tokens
+                        usage.cost_usd += used.cost_usd
+            self.loaded = True
+
+    def _apply(self, row: StoredKey) -> None:
+        existing = self._by_name.get(row.name)
+        if existing is not None and existing.source == "config":
+            return  # [[auth.keys]] shadows the store
+        try:
+            limits = KeyLimits.model_validate_json(row.settings)
+        except ValueError as exc:
+            log.error("key %s in the state store is unreadable, skipped: %s", row.name, exc)
+            return
+        if existing is not None and existing.hash == row.hash:
+            if existing.limits != limits:
+                existing.configure(limits)
+            if existing.revoked_at != row.revoked_at:
+                existing.revoked_at = row.revoked_at
+                log.info("key %s revoked (on another replica)", row.name)
+            self.version += 1
+            return
+        key = ClientKey(row.name, row.hash, row.prefix, limits, "api", row.created_at,
+                        row.revoked_at)  # fmt: skip
+        if existing is not None:  # the name made again: one account, as on the replica that did
+            key.usage, key.written = existing.usage, existing.written
+            self._remove(existing)
+        self._add(key)
+
     async def _save(self, key: ClientKey) -> None:
         if self.store is None or self._writer is None:
             return
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._writer, self.store.put_key, key.stored())
 
-    def _schedule(self) -> None:
-        if self._timer is None and self.store is not None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # counted outside the loop (the last drain): aclose writes it
+    def _schedule(self, soon: bool = False) -> None:
+        """Write within ``flush_interval``; ``soon``: within a few ms (a key's reservation in
+        the shared store is freed promptly), unless writes are failing."""
+        if self.store is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # counted outside the loop (the last drain): aclose writes it
+            return
+        delay = SOON if soon and not self._unsent else self.flush_interval
+        due = loop.time() + delay
+        if self._timer is not None:
+            if self._due <= due:
                 return
-            self._timer = loop.call_later(self.flush_interval, self._flush)
+            self._timer.cancel()
+        self._timer, self._due = loop.call_later(delay, self._flush), due
 
     def _flush(self) -> None:
         """Write what each key used since the last write (in the writer thread)."""
         self._timer = None
-        if not self._dirty or self.store is None or self._writer is None:
+        if self.store is None or self._writer is None:
             return
+        if self.store.shared and self._writes:  # one write at a time: the rest goes next
+            self._again = True
+            return
+        batches, self._unsent = self._unsent, []
+        rows = self._rows()
+        if rows:
+            batches.append((uuid.uuid4().hex, rows))
+        if not batches:
+            return
+        future: asyncio.Future[int]
+        if self.store.shared:  # from the loop: freed reservations ahead of the next admission
+            future = asyncio.ensure_future(self._write_shared(batches))
+        else:
+            future = asyncio.get_running_loop().run_in_executor(self._writer, self._write, batches)
+        self._writes.add(future)
+        future.add_done_callback(lambda f: self._written(f, batches))
+
+    def _rows(self) -> list[KeyUsage]:
         dirty, self._dirty = self._dirty, set()
-        month, added = self.month, []
-        for name in dirty:
+        freed, self._freed = self._freed, {}
+        tokens, self._tokens = self._tokens, {}
+        rows = []
+        for name in dirty | tokens.keys():
             key = self._by_name.get(name)
             if key is None:
                 continue
             delta = key.usage.minus(key.written)
-            if delta != Usage():
+            month, usd = freed.get(name, ("", 0.0))
+            if delta != Usage() or usd or name in tokens:
                 key.written = key.usage.copy()
-                added.append((key, delta))
-        rows = [
-            KeyUsage(month, key.name, d.requests, d.prompt_tokens, d.completion_tokens, d.cost_usd)
-            for key, d in added
-        ]
-        if not rows:
-            return
-        future = asyncio.get_running_loop().run_in_executor(
-            self._writer, self.store.add_key_usage, rows
-        )
-        self._writes.add(future)
-        names = [(key.name, delta) for key, delta in added]
-        future.add_done_callback(lambda f: self._written(f, month, names))
+                rows.append(
+                    KeyUsage(
+                        self.month,
+                        name,
+                        delta.requests,
+                        delta.prompt_tokens,
+                        delta.completion_tokens,
+                        delta.cost_usd,
+                        usd,
+                        month,
+                        tokens.get(name, 0),
+                    )  # fmt: skip
+                )
+        return rows
+
+    def _write(self, batches: list[tuple[str, list[KeyUsage]]]) -> int:
+        """In the writer thread: the batches in order, up to the first that fails."""
+        store = self.store
+        assert store is not None
+        for done, (batch, rows) in enumerate(batches):
+            try:
+                store.add_key_usage(rows, batch)
+            except Exception as exc:
+                if done == 0:
+                    raise
+                log.warning("key usage not written (%s); kept for the next write", exc)
+                return done
+        return len(batches)
+
+    async def _write_shared(self, batches: list[tuple[str, list[KeyUsage]]]) -> int:
+        store = cast(SharedStore, self.store)
+        for done, (batch, rows) in enumerate(batches):
+            try:
+                await store.aadd_key_usage(rows, batch)
+            except Exception:
+                if done == 0:
+                    raise
+                return done
+        return len(batches)
 
     def _written(
-        self, future: asyncio.Future[None], month: str, added: list[tuple[str, Usage]]
+        self, future: asyncio.Future[int], batches: list[tuple[str, list[KeyUsage]]]
     ) -> None:
         self._writes.discard(future)
-        exc = future.exception() if not future.cancelled() else None
-        if exc is None:
+        if future.cancelled():
             return
-        log.warning("key usage not written (%s); kept for the next write", exc)
-        if month == self.month:  # (a month that has ended was written at its end, or is lost)
-            for name, delta in added:
-                key = self._by_name.get(name)
-                if key is not None:
-                    key.written = key.written.minus(delta)
-                    self._dirty.add(name)
+        exc = future.exception()
+        if exc is not None:
+            log.warning("key usage not written (%s); kept for the next write", exc)
+        written = 0 if exc is not None else future.result()
+        if written < len(batches):
+            self._unsent = batches[written:] + self._unsent  # sent again as they are
             self._schedule()
+        elif self._again:
+            self._again = False
+            self._flush()
 
     async def aclose(self) -> None:
         if self._timer is not None:
@@ -382,11 +526,12 @@ class KeyRing:
         self._flush()
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
-        if self._dirty:  # the last write failed: try once more
+        if self._unsent:  # the last write failed: try once more
             self._flush()
             await asyncio.gather(*self._writes, return_exceptions=True)
-        if self._dirty:
-            log.error("key usage lost at shutdown: %d keys' last usage", len(self._dirty))
+        if self._unsent:
+            lost = sum(len(rows) for _, rows in self._unsent)
+            log.error("key usage lost at shutdown: %d keys' last usage", lost)
         if self._writer is not None:
             self._writer.shutdown(wait=True)
 

@@ -3,11 +3,13 @@ backend that served it recently, so the prompt that backend has cached is reused
 
 Two keys per request: the conversation (its leading system messages and first user message) and,
 when the leading system prompt is long, that prompt alone. The first key with a recent backend
-wins. Pure: the clock is passed in; the table is bounded and entries expire.
+wins. Pure: the clock is passed in; the table is bounded and entries expire. Keys are digests
+(BLAKE2b, 8 bytes), the same in every process, so replicas can share the table.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,13 +34,18 @@ def affinity_keys(model: str, messages: Sequence[Any]) -> list[int]:
     if not leading:
         return []
     try:
-        keys = [hash((model, orjson.dumps(leading)))]
+        named = model.encode() + b"\0"
+        keys = [_digest(named + orjson.dumps(leading))]
         system = [m for m in leading if m.get("role") in ("system", "developer")]
         if system and system_chars >= LONG_PROMPT_CHARS and len(system) < len(leading):
-            keys.append(hash((model, orjson.dumps(system))))
+            keys.append(_digest(named + orjson.dumps(system)))
     except orjson.JSONEncodeError:  # nested past what orjson writes: no affinity, not a crash
         return []
     return keys
+
+
+def _digest(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest())
 
 
 def _text_chars(content: Any) -> int:

@@ -142,6 +142,9 @@ class Router:
         self.policies = Policies(routing.policies)
         self.quality = QualityTracker(quality_settings or QualitySettings())
         self.affinity = AffinityTable(routing.affinity_ttl_seconds)
+        # [routing] shared_affinity: each conversation remembered here is told to the other
+        # replicas too (set by the app when the state is shared)
+        self.share_affinity: Callable[[tuple[int, ...], str], None] | None = None
         self.strategies = strategies or Strategies(routing.weights)
         self.clock = clock
         self._stages: list[tuple[str, _Stage]] = [
@@ -195,6 +198,13 @@ class Router:
         """The conversation was served by ``backend``: send its next turns there too."""
         if self.routing.affinity and request.affinity_keys:
             self.affinity.remember(request.affinity_keys, backend, self.clock())
+            if self.share_affinity is not None:
+                self.share_affinity(request.affinity_keys, backend)
+
+    def learned(self, keys: tuple[int, ...], backend: str) -> None:
+        """Another replica served this conversation on ``backend`` (shared affinity)."""
+        if self.routing.affinity and self.registry.get(backend) is not None:
+            self.affinity.remember(keys, backend, self.clock())
 
     def _add(
         self,

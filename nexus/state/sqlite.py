@@ -65,6 +65,8 @@ ON CONFLICT (month, backend, model) DO UPDATE SET
 
 
 class SQLiteStore:
+    shared = False
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -91,6 +93,9 @@ class SQLiteStore:
             ).fetchall()
         return [StoredKey(*row) for row in rows]
 
+    def key(self, name: str) -> StoredKey | None:
+        return next((key for key in self.keys() if key.name == name), None)
+
     def put_key(self, key: StoredKey) -> None:
         row = (key.name, key.hash, key.prefix, key.settings, key.created_at, key.revoked_at)
         self._write(PUT_KEY, [row])
@@ -104,7 +109,7 @@ class SQLiteStore:
             ).fetchall()
         return [KeyUsage(*row) for row in rows]
 
-    def add_key_usage(self, usage: Sequence[KeyUsage]) -> None:
+    def add_key_usage(self, usage: Sequence[KeyUsage], batch: str = "") -> None:
         rows = [
             (u.month, u.name, u.requests, u.prompt_tokens, u.completion_tokens, u.cost_usd)
             for u in usage
@@ -125,6 +130,13 @@ class SQLiteStore:
             for s in spends
         ]
         self._write(ADD, rows)
+
+    def settle(
+        self, batch: str, spends: Sequence[Spend], freed: Sequence[tuple[str, float]]
+    ) -> float | None:
+        """Reservations live in the process here: only the spend is written."""
+        self.add(spends)
+        return None
 
     def _write(self, sql: str, rows: Sequence[tuple[object, ...]]) -> None:
         """``rows`` in one transaction: all or nothing."""

@@ -7,6 +7,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+NANO = 1_000_000_000  # nanodollars in a dollar: what a shared store counts money in
+
+
+class Unreachable(Exception):
+    """The shared store (Redis) cannot be reached; the cause is chained."""
+
+
+def nanos(usd: float) -> int:
+    return round(usd * NANO)
+
+
+def dollars(nanodollars: int | float | bytes | str) -> float:
+    return int(float(nanodollars)) / NANO
+
 
 @dataclass(frozen=True, slots=True)
 class Spend:
@@ -35,7 +49,8 @@ class StoredKey:
 
 @dataclass(frozen=True, slots=True)
 class KeyUsage:
-    """One key's usage in one month: added to what the store holds."""
+    """One key's usage in one month: added to what the store holds. A shared store also holds
+    the key's reservations and calls in flight; what of those ended comes with the usage."""
 
     month: str
     name: str
@@ -43,10 +58,16 @@ class KeyUsage:
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float
+    freed_usd: float = 0.0  # worst cases no longer held (shared stores)
+    freed_month: str = ""  # the month they were reserved in
+    window_tokens: int = 0  # tokens for the key's shared minute (a key with tpm)
 
 
 class StateStore(Protocol):
-    """Blocking calls, made off the event loop (one writer thread)."""
+    """Blocking calls, made off the event loop (one writer thread). ``shared``: reservations
+    and limits are kept in the store for several replicas (Redis), not in this process."""
+
+    shared: bool
 
     def month(self, month: str) -> list[Spend]:
         """Everything settled in ``month``, one row per backend and model."""
@@ -56,8 +77,19 @@ class StateStore(Protocol):
         """Add ``spends`` to the stored totals, all or nothing, durably."""
         ...
 
+    def settle(
+        self, batch: str, spends: Sequence[Spend], freed: Sequence[tuple[str, float]]
+    ) -> float | None:
+        """A shared store: add ``spends`` and free the ``(month, usd)`` reservations they held,
+        in one step, once per ``batch`` id; the month's spend across the replicas."""
+        ...
+
     def keys(self) -> list[StoredKey]:
         """Every key created through the admin API (revoked ones too)."""
+        ...
+
+    def key(self, name: str) -> StoredKey | None:
+        """The key named ``name`` (revoked or not), if the store has it."""
         ...
 
     def put_key(self, key: StoredKey) -> None:
@@ -66,8 +98,22 @@ class StateStore(Protocol):
 
     def key_usage(self, month: str) -> list[KeyUsage]: ...
 
-    def add_key_usage(self, usage: Sequence[KeyUsage]) -> None:
-        """Add ``usage`` to the stored totals, all or nothing, durably."""
+    def add_key_usage(self, usage: Sequence[KeyUsage], batch: str = "") -> None:
+        """Add ``usage`` to the stored totals, all or nothing, durably (once per ``batch`` id
+        in a shared store)."""
         ...
 
     def close(self) -> None: ...
+
+
+class SharedStore(StateStore, Protocol):
+    """A store replicas share (``shared`` is True): the writes that free reservations are also
+    made from the event loop, so that they reach the store ahead of any later admission."""
+
+    async def asettle(
+        self, batch: str, spends: Sequence[Spend], freed: Sequence[tuple[str, float]]
+    ) -> float | None: ...
+
+    async def aadd_key_usage(self, usage: Sequence[KeyUsage], batch: str = "") -> None: ...
+
+    async def aclose(self) -> None: ...

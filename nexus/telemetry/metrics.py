@@ -42,6 +42,10 @@ class FleetView:
     healthy: dict[str, bool]
     models_available: int
     queue_depth: int
+    # [state] backend = "redis": whether Redis is out of reach now, and the seconds spent so
+    # (None: no shared store)
+    state_degraded: bool | None = None
+    state_degraded_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +259,18 @@ class _FleetCollector(Collector):
         yield _gauge("nexus_backends_healthy", "Healthy backends", sum(view.healthy.values()))
         yield _gauge("nexus_models_available", "Models on healthy backends", view.models_available)
         yield _gauge("nexus_queue_depth", "Requests waiting in the queue", view.queue_depth)
+        if view.state_degraded is not None:
+            yield _gauge(
+                "nexus_state_degraded",
+                "1 while the shared state (Redis) is out of reach and this replica enforces its "
+                "share of the limits",
+                float(view.state_degraded),
+            )
+            yield CounterMetricFamily(
+                "nexus_state_degraded_seconds",
+                "Seconds this replica has spent degraded (Redis out of reach)",
+                value=view.state_degraded_seconds,
+            )
 
     def describe(self) -> Iterable[Metric]:
         return []

@@ -46,6 +46,13 @@ class Trace:
     # budget; only its name is recorded.
     client_key: Any = None
     admitted: bool = True  # False: the key's own limits refused it before it was served
+    # With the shared store: the key whose rate admission waits for dispatch (one round trip
+    # with the budget), the rate-limit header lines it earned, whether it holds a slot of the
+    # key's shared count, and the share window that admitted it while Redis was away.
+    pending: Any = None
+    rate: bytes = b""
+    held: bool = False
+    local: Any = None
 
     def usage(self, usage: Any) -> None:
         if isinstance(usage, dict):

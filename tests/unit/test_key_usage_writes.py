@@ -19,6 +19,8 @@ NOW = 1_796_000_000.0
 class Store:
     """In memory; ``failures`` key-usage writes fail before they succeed again."""
 
+    shared = False
+
     def __init__(self, failures: int = 0, usage: Sequence[KeyUsage] = ()) -> None:
         self.failures = failures
         self.rows: dict[tuple[str, str], list[float]] = {}
@@ -42,6 +44,9 @@ class Store:
     def keys(self) -> list[StoredKey]:
         return []
 
+    def key(self, name: str) -> StoredKey | None:
+        return None
+
     def put_key(self, key: StoredKey) -> None:
         pass
 
@@ -52,7 +57,10 @@ class Store:
             if m == month
         ]
 
-    def add_key_usage(self, usage: Sequence[KeyUsage]) -> None:
+    def settle(self, batch: str, spends: Sequence[Spend], freed: object) -> float | None:
+        return None
+
+    def add_key_usage(self, usage: Sequence[KeyUsage], batch: str = "") -> None:
         self.writes += 1
         if self.failures:
             self.failures -= 1

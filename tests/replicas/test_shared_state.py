@@ -1,0 +1,390 @@
+"""Two Nexus replicas in one process sharing a real ``redis-server`` (``[state] backend =
+"redis"``): limits, budgets and keys agree across them, and Redis trouble loses nothing.
+The three-process deployment behind haproxy is ``test_deployment.py``."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import orjson
+import pytest
+
+from nexus.config import ConfigError, settings_from_dict
+from nexus.cost.ledger import month_of
+from nexus.keys.tokens import hash_of, new_secret
+from tests.fakes import FakeOpenAI
+from tests.harness import LoopThread, NexusServer, settings_for, wait_for
+from tests.integration.test_budget import PricedOpenAI
+
+from .servers import RedisServer
+
+CHAT = "/v1/chat/completions"
+KEY_VAR = "NEXUS_TEST_REPLICA_CLOUD"
+IN_USD, OUT_USD = 0.001, 0.002  # per token
+PRICE = {"model_pattern": "*", "backend": "cloud", "input_per_mtok": IN_USD * 1e6,
+         "output_per_mtok": OUT_USD * 1e6}  # fmt: skip
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+def replicas(loop: LoopThread, count: int, redis: RedisServer, upstream: FakeOpenAI,
+             **sections: Any) -> list[NexusServer]:  # fmt: skip
+    state = {"backend": "redis", "redis_url": redis.url, "flush_interval_seconds": 0.05}
+    servers = []
+    for _ in range(count):
+        settings = settings_for(("local", upstream, "generic"), state=state, **sections)
+        servers.append(NexusServer(loop, settings).start())
+    return servers
+
+
+def chat(http: httpx2.Client, server: NexusServer, key: str | None = None,
+         **fields: Any) -> httpx2.Response:  # fmt: skip
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return http.post(server.url + CHAT, content=orjson.dumps(body), headers=headers)
+
+
+def test_a_keys_rpm_holds_across_replicas(loop, redis_server):
+    upstream = FakeOpenAI(["m"])
+    loop.run(upstream.start())
+    secret = new_secret()
+    auth = {"enabled": True, "keys": [{"name": "team", "hash": hash_of(secret), "rpm": 7}]}
+    servers = replicas(loop, 2, redis_server, upstream, auth=auth)
+    try:
+        with httpx2.Client(timeout=10) as http:
+            answers = [chat(http, servers[i % 2], secret) for i in range(16)]
+        statuses = [a.status_code for a in answers]
+        assert statuses.count(200) == 7, statuses
+        assert statuses.count(429) == 9, statuses
+        refused = next(a for a in answers if a.status_code == 429)
+        assert float(refused.headers["retry-after"]) > 0
+        assert refused.headers["x-ratelimit-limit-requests"] == "7"
+        assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+        assert "requests per minute" in refused.json()["error"]["message"]
+        served = [a for a in answers if a.status_code == 200]
+        remaining = sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in served)
+        assert remaining == list(range(7))  # one count, whichever replica served
+        assert len(upstream.calls(CHAT)) == 7
+    finally:
+        for server in servers:
+            server.stop()
+        loop.run(upstream.stop())
+
+
+def test_a_budget_is_never_exceeded_across_replicas(loop, redis_server, monkeypatch):
+    monkeypatch.setenv(KEY_VAR, "sk-cloud")
+    cloud = PricedOpenAI(["m"], usage={"prompt_tokens": 10, "completion_tokens": 100,
+                                      "total_tokens": 110})  # fmt: skip
+    cloud.delay = 0.05
+    loop.run(cloud.start())
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                         "max_tokens": 100})  # fmt: skip
+    from nexus.routing.requirements import chat_requirements
+
+    prompt = chat_requirements(orjson.loads(body), {}, len(body)).prompt_bound
+    worst = prompt * IN_USD + 100 * OUT_USD
+    limit = round(worst * 20 + worst / 2, 6)  # room for 20 worst cases, not 21
+    state = {"backend": "redis", "redis_url": redis_server.url, "flush_interval_seconds": 0.05}
+    servers = []
+    for _ in range(2):
+        settings = settings_from_dict({
+            "discovery": {"enabled": False, "interfaces": ["127.0.0.1"]},
+            "health_check": {"interval_seconds": 3600},
+            "embedded": {"enabled": False},
+            "state": state,
+            "pricing": [PRICE],
+            "routing": {"budget": {"monthly_limit_usd": limit, "hard_limit_action": "block_all"}},
+            "backends": [{"name": "cloud", "url": cloud.url, "type": "openai",
+                          "api_key_env": KEY_VAR}],
+        })  # fmt: skip
+        servers.append(NexusServer(loop, settings).start())
+    try:
+
+        def post(i: int) -> int:
+            with httpx2.Client(timeout=30) as http:
+                return http.post(
+                    servers[i % 2].url + CHAT,
+                    content=body,
+                    headers={"content-type": "application/json"},
+                ).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            statuses = list(pool.map(post, range(80)))
+        served = statuses.count(200)
+        assert served >= 20, statuses
+        cost = 10 * IN_USD + 100 * OUT_USD  # what each answer really cost
+        client = redis_server.client()
+        month = month_of(__import__("time").time())
+
+        def settled() -> float:
+            total = client.hget(f"nexus:spend:{month}", "total")
+            return int(total or 0) / 1e9
+
+        assert wait_for(lambda: abs(settled() - served * cost) < 1e-6, timeout=10), settled()
+        assert settled() <= limit
+        assert cloud.answered == served
+        reserved = client.hgetall(f"nexus:reserved:{month}")
+        assert wait_for(lambda: not client.hgetall(f"nexus:reserved:{month}"), 5), reserved
+    finally:
+        for server in servers:
+            server.stop()
+        loop.run(cloud.stop())
+
+
+def test_a_key_revoked_on_one_replica_is_refused_by_the_other(loop, redis_server):
+    upstream = FakeOpenAI(["m"])
+    loop.run(upstream.start())
+    servers = replicas(loop, 2, redis_server, upstream, auth={"enabled": True})
+    try:
+        with httpx2.Client(timeout=10) as http:
+            made = http.post(servers[0].url + "/admin/keys", json={"name": "ci", "rpm": 100})
+            assert made.status_code in (200, 201), made.text
+            secret = made.json()["key"]
+            assert wait_for(lambda: chat(http, servers[1], secret).status_code == 200, 2)
+            gone = http.delete(servers[0].url + "/admin/keys/ci")
+            assert gone.status_code in (200, 204), gone.text
+            assert wait_for(lambda: chat(http, servers[1], secret).status_code == 401, 1.0)
+            assert "revoked" in chat(http, servers[1], secret).json()["error"]["message"]
+    finally:
+        for server in servers:
+            server.stop()
+        loop.run(upstream.stop())
+
+
+def test_a_malformed_redis_url_refuses_to_start():
+    for url, says in (("http://127.0.0.1:6379", "redis://"), ("redis://:pw@127.0.0.1", "password"),
+                      ("redis://127.0.0.1:99999", "port"), ("redis:///0", "host")):  # fmt: skip
+        with pytest.raises((ConfigError, ValueError)) as caught:
+            settings_from_dict({"state": {"backend": "redis", "redis_url": url}})
+        assert says in str(caught.value).lower(), (url, str(caught.value))
+    with pytest.raises((ConfigError, ValueError)) as caught:
+        settings_from_dict({"state": {"backend": "redis"}})
+    assert "redis_url" in str(caught.value)
+
+
+def priced_settings(cloud: FakeOpenAI, redis: RedisServer, **budget: Any) -> Any:
+    return settings_from_dict({
+        "discovery": {"enabled": False, "interfaces": ["127.0.0.1"]},
+        "health_check": {"interval_seconds": 3600},
+        "embedded": {"enabled": False},
+        "state": {"backend": "redis", "redis_url": redis.url, "flush_interval_seconds": 0.05},
+        "pricing": [PRICE],
+        "routing": {"budget": budget},
+        "backends": [{"name": "cloud", "url": cloud.url, "type": "openai",
+                      "api_key_env": KEY_VAR}],
+    })  # fmt: skip
+
+
+def test_redis_down_serves_degraded_and_loses_no_spend(loop, redis_server, monkeypatch):
+    monkeypatch.setenv(KEY_VAR, "sk-cloud")
+    usage = {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
+    cloud = PricedOpenAI(["m"], usage=usage)
+    loop.run(cloud.start())
+    cost = 10 * IN_USD + 20 * OUT_USD
+    server = NexusServer(loop, priced_settings(cloud, redis_server, monthly_limit_usd=1000.0,
+                                               hard_limit_action="block_all")).start()  # fmt: skip
+    client = redis_server.client()
+    month = month_of(__import__("time").time())
+
+    def settled() -> float:
+        try:
+            return int(client.hget(f"nexus:spend:{month}", "total") or 0) / 1e9
+        except Exception:
+            return -1.0
+
+    try:
+        with httpx2.Client(timeout=30) as http:
+            assert chat(http, server).status_code == 200
+            assert wait_for(lambda: abs(settled() - cost) < 1e-9, 5), settled()
+            health = http.get(server.url + "/health").json()
+            assert health["state"]["status"] == "ok" and health["status"] == "healthy"
+            redis_server.kill()
+            down = [chat(http, server).status_code for _ in range(10)]
+            assert down == [200] * 10  # served, each replica on its share of the budget
+            assert wait_for(lambda: http.get(server.url + "/health").json()["state"]["status"]
+                            == "degraded", 5)  # fmt: skip
+            health = http.get(server.url + "/health").json()
+            assert health["status"] == "degraded"
+            assert "out of reach" in health["state"]["reason"]
+            metrics = http.get(server.url + "/metrics").text
+            assert "nexus_state_degraded 1.0" in metrics
+            redis_server.start()  # the same port, its append-only file
+            assert wait_for(lambda: http.get(server.url + "/health").json()["state"]["status"]
+                            == "ok", 10)  # fmt: skip
+            # what was spent while Redis was away is written now: 11 answers, each counted once
+            assert wait_for(lambda: abs(settled() - 11 * cost) < 1e-9, 10), settled()
+            metrics = http.get(server.url + "/metrics").text
+            assert "nexus_state_degraded 0.0" in metrics
+            seconds = [line for line in metrics.splitlines()
+                       if line.startswith("nexus_state_degraded_seconds_total ")]  # fmt: skip
+            assert seconds and float(seconds[0].split()[1]) > 0
+    finally:
+        server.stop()
+        loop.run(cloud.stop())
+
+
+class Monitor:
+    """Redis's MONITOR on a raw socket: every command the server runs, one line each."""
+
+    def __init__(self, redis: RedisServer) -> None:
+        import socket
+        import threading
+
+        self.lines: list[str] = []
+        self.sock = socket.create_connection(("127.0.0.1", redis.port))
+        self.sock.sendall(b"MONITOR\r\n")
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        buffer = b""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            buffer += data
+            *lines, buffer = buffer.split(b"\r\n")
+            self.lines.extend(line.decode(errors="replace") for line in lines)
+
+    def calls_of(self, sha: str) -> int:
+        return sum(1 for line in self.lines if f'"EVALSHA" "{sha}"' in line)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_one_round_trip_for_a_limited_priced_request_and_none_for_the_rest(
+    loop, redis_server, monkeypatch
+):
+    import hashlib
+
+    from nexus.state.redis_lua import ADMIT
+
+    monkeypatch.setenv(KEY_VAR, "sk-cloud")
+    cloud = PricedOpenAI(["paid"])
+    local = FakeOpenAI(["free"])
+    loop.run(cloud.start())
+    loop.run(local.start())
+    limited, plain = new_secret(), new_secret()
+    settings = settings_from_dict({
+        "discovery": {"enabled": False, "interfaces": ["127.0.0.1"]},
+        "health_check": {"interval_seconds": 3600},
+        "embedded": {"enabled": False},
+        "state": {"backend": "redis", "redis_url": redis_server.url},
+        "pricing": [PRICE],
+        "routing": {"budget": {"monthly_limit_usd": 1000.0, "hard_limit_action": "block_all"}},
+        "auth": {"enabled": True, "keys": [
+            {"name": "limited", "hash": hash_of(limited), "rpm": 1000, "monthly_budget_usd": 50},
+            {"name": "plain", "hash": hash_of(plain)},
+        ]},
+        "backends": [
+            {"name": "cloud", "url": cloud.url, "type": "openai", "api_key_env": KEY_VAR},
+            {"name": "local", "url": local.url, "type": "generic"},
+        ],
+    })  # fmt: skip
+    server = NexusServer(loop, settings).start()
+    admit = hashlib.sha1(ADMIT.encode()).hexdigest()
+    monitor = Monitor(redis_server)
+    try:
+        with httpx2.Client(timeout=10) as http:
+            assert chat(http, server, plain, model="free").status_code == 200  # warm
+            wait_for(lambda: len(monitor.lines) > 0, 2)
+            before = monitor.calls_of(admit)
+            for _ in range(10):  # limited and priced: the rate and the budget in one script
+                answer = chat(http, server, limited, model="paid", max_tokens=10)
+                assert answer.status_code == 200, answer.text
+                assert "x-ratelimit-remaining-requests" in answer.headers
+            assert monitor.calls_of(admit) - before == 10
+            for _ in range(10):  # neither limited nor priced: Redis is not asked
+                assert chat(http, server, plain, model="free").status_code == 200
+            assert monitor.calls_of(admit) - before == 10
+            # worst cases of $32.8 (no max_tokens) against a key budget of $50: one at a time
+            # fits, and each is freed in Redis at once when it ends (not in the next batch)
+            for _ in range(5):
+                answer = chat(http, server, limited, model="paid")
+                assert answer.status_code == 200, answer.text
+    finally:
+        monitor.close()
+        server.stop()
+        loop.run(cloud.stop())
+        loop.run(local.stop())
+
+
+def test_shared_affinity_sends_a_conversation_back_whichever_replica_gets_it(loop, redis_server):
+    first, second = FakeOpenAI(["m"]), FakeOpenAI(["m"])
+    loop.run(first.start())
+    loop.run(second.start())
+    state = {"backend": "redis", "redis_url": redis_server.url}
+    servers = [
+        NexusServer(loop, settings_for(("a", first, "generic"), ("b", second, "generic"),
+                                       state=state, routing={"shared_affinity": True,
+                                                             "strategy": "round_robin"})).start()
+        for _ in range(2)
+    ]  # fmt: skip
+    try:
+        with httpx2.Client(timeout=10) as http:
+            messages = [{"role": "system", "content": "You are terse."},
+                        {"role": "user", "content": "conversation 42"}]  # fmt: skip
+            assert chat(http, servers[0], messages=messages).status_code == 200
+            served_by = "a" if first.calls(CHAT) else "b"
+            fake = first if served_by == "a" else second
+            router = servers[1].gateway.dispatcher.router
+            keys = tuple(__import__("nexus.routing.affinity", fromlist=["x"]).affinity_keys(
+                "m", messages))  # fmt: skip
+            assert wait_for(lambda: router.affinity.lookup(keys, router.clock()) == served_by, 2)
+            for _ in range(4):  # round robin would alternate; affinity holds the backend
+                answer = chat(http, servers[1], messages=messages)
+                assert answer.status_code == 200
+                assert answer.headers["x-nexus-backend"] == served_by
+            assert len(fake.calls(CHAT)) == 5
+    finally:
+        for server in servers:
+            server.stop()
+        loop.run(first.stop())
+        loop.run(second.stop())
+
+
+def test_nexus_starts_degraded_when_redis_is_down_and_recovers(loop, tmp_path):
+    upstream = FakeOpenAI(["m"])
+    loop.run(upstream.start())
+    redis = RedisServer(tmp_path / "later")  # not started: its port is closed
+    server = NexusServer(loop, settings_for(("local", upstream, "generic"),
+                                            state={"backend": "redis",
+                                                   "redis_url": redis.url})).start()  # fmt: skip
+    try:
+        with httpx2.Client(timeout=10) as http:
+            health = http.get(server.url + "/health").json()
+            assert health["status"] == "degraded" and health["state"]["status"] == "degraded"
+            assert (
+                str(redis.port) in health["state"]["reason"]
+                or "out of reach" in (health["state"]["reason"])
+            )
+            assert chat(http, server).status_code == 200  # serves all the same
+            redis.start()
+            assert wait_for(lambda: http.get(server.url + "/health").json()["state"]["status"]
+                            == "ok", 10)  # fmt: skip
+    finally:
+        server.stop()
+        redis.kill()
+        loop.run(upstream.stop())

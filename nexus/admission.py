@@ -103,6 +103,7 @@ class SharedAdmission:
             return Held(ledger.reserve(worst, cloud=cloud))
         if budgeted is not None:
             budgeted.reserved_usd += worst
+            budgeted.held_in_store += worst
         reservation = ledger.held(worst, cloud, month, urgent=verdict.tight)
         return Held(reservation, key_held=budgeted is not None)
 
@@ -190,17 +191,17 @@ class SharedAdmission:
         return share
 
     def holdings(self) -> dict[str, list[list[Any]]]:
-        """What this replica holds in Redis (``redis_lua.LEASE``), put back when its lease had
-        run out while it was away."""
+        """What this replica holds in Redis (``redis_lua.LEASE``), set there again when its
+        lease had run out or it is back from a spell without Redis."""
         ledger, month = self.ledger, self.ledger.month
         return {
-            "reserved": [[month, nanos(ledger.reserved)]] if ledger.reserved else [],
-            "keyres": [[month, k.name, nanos(k.reserved_usd)] for k in self.keys if k.reserved_usd],
-            "conc": [
-                [k.name, k.window.in_flight]
+            "reserved": [[month, nanos(ledger.held_in_store)]],
+            "keyres": [
+                [month, k.name, nanos(k.held_in_store)]
                 for k in self.keys
-                if k.window.max_concurrent is not None and k.window.in_flight > 0
+                if k.limits.monthly_budget_usd is not None
             ],
+            "conc": [[k.name, k.window.in_flight] for k in self.keys if k.window.max_concurrent],
         }
 
     def finished(self, key: ClientKey, trace: Trace) -> None:

@@ -101,6 +101,7 @@ class Ledger:
         self._next_month = next_month_start(now)
         self.spent = 0.0  # settled this month
         self.reserved = 0.0  # held by calls in flight
+        self.held_in_store = 0.0  # the part of it the shared store holds for this replica
         self.open_reservations = 0
         self.rollovers = 0
         self.refused = 0  # reservations refused by the limit
@@ -208,6 +209,7 @@ class Ledger:
     def held(self, amount: float, cloud: bool, month: str, urgent: bool = False) -> Reservation:
         """A reservation the shared store made (and checked) for this replica; ``urgent``:
         another like it would not fit, so it is freed there as soon as it ends."""
+        self.held_in_store += amount
         self.reserved += amount
         self.open_reservations += 1
         return Reservation(amount, cloud, month=month, urgent=urgent)
@@ -232,6 +234,7 @@ class Ledger:
         else:
             self.reserved = 0.0  # no drift from float sums once nothing is held
         if reservation.month:  # the store holds it too: freed there with the next batch
+            self.held_in_store = max(self.held_in_store - reservation.amount, 0.0)
             freed = self._freed
             freed[reservation.month] = freed.get(reservation.month, 0.0) + reservation.amount
             self._later(soon=reservation.urgent)

@@ -80,6 +80,7 @@ class ClientKey:
     usage: Usage = field(default_factory=Usage)
     written: Usage = field(default_factory=Usage)  # the part of ``usage`` the store has
     reserved_usd: float = 0.0  # worst cases held by priced calls in flight
+    held_in_store: float = 0.0  # the part of it the shared store holds for this replica
     window: RateWindow = field(init=False)
     expires: float = field(init=False)
     restricted: bool = field(init=False)
@@ -247,6 +248,7 @@ class KeyRing:
         key.release(worst)
         month = held.month if held is not None else ""
         if month and worst:
+            key.held_in_store = max(key.held_in_store - worst, 0.0)
             _, before = self._freed.get(key.name, (month, 0.0))
             self._freed[key.name] = (month, before + worst)
             self._dirty.add(key.name)

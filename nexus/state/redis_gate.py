@@ -109,7 +109,9 @@ class RedisGate:
 
     def finished(self, name: str) -> None:
         """A call of a key with max_concurrent ended: give its slot back now (after its answer
-        was sent: not on its path). Lost while Redis is away: the lease puts the count right."""
+        was sent: not on its path). While Redis is away, the lease sets the count when back."""
+        if self.down is not None:
+            return
         task = asyncio.get_running_loop().create_task(self._finish(name))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -169,12 +171,12 @@ class RedisGate:
             await callback()
 
     # --- staying in the fleet ---------------------------------------------------------------
-    async def renew(self, holdings: dict[str, list[list[Any]]]) -> None:
-        """Renew the lease (putting back what this replica holds if it had run out); raises
-        Unreachable when Redis is out of reach."""
+    async def renew(self, holdings: dict[str, list[list[Any]]], force: bool = False) -> None:
+        """Renew the lease (setting what this replica holds if it had run out, or ``force``);
+        raises Unreachable when Redis is out of reach."""
         try:
             got = await self._client.run(
-                _LEASE, self.prefix, self.replica, LEASE_MS, orjson.dumps(holdings)
+                _LEASE, self.prefix, self.replica, LEASE_MS, orjson.dumps(holdings), int(force)
             )
         except TROUBLE as exc:
             raise Unreachable(f"{type(exc).__name__}: {exc}") from exc
@@ -192,8 +194,8 @@ class RedisGate:
         listener = asyncio.create_task(self._listen(changed, learned))
         try:
             while True:
-                try:
-                    await self.renew(holdings())
+                try:  # back from a spell away: what this replica holds is set again
+                    await self.renew(holdings(), force=self.down is not None)
                     await self._back()
                 except Unreachable as exc:
                     self.trouble(exc.__cause__ or exc)

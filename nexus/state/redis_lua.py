@@ -239,9 +239,10 @@ return 1
 )
 
 # A replica's lease: renewed every few seconds; what it holds counts while the lease runs. When
-# the lease had run out (Redis was out of reach for longer, or restarted), what the replica still
-# holds is put back. ARGV: prefix, me, lease ms, holdings as JSON: {reserved: [[month,
-# nanodollars]], keyres: [[month, name, nanodollars]], conc: [[name, calls]]}.
+# the lease had run out (Redis was out of reach for longer, or restarted), or when asked (the
+# replica is back from a spell without Redis, in which its calls ended unseen), what the replica
+# holds is set to what it says. ARGV: prefix, me, lease ms, holdings as JSON: {reserved: [[month,
+# nanodollars]], keyres: [[month, name, nanodollars]], conc: [[name, calls]]}, '1' to set them.
 # Returns {live replicas, 1 if the lease was still running}.
 LEASE = (
     _COMMON
@@ -251,15 +252,14 @@ local lease = redis.call('ZSCORE', replicas, me)
 local running = lease and tonumber(lease) > now_ms
 redis.call('ZADD', replicas, now_ms + ttl, me)
 redis.call('ZREMRANGEBYSCORE', replicas, '-inf', now_ms)
-if not running then
+local function set(hash, value)
+  if value > 0 then redis.call('HSET', hash, me, int(value)) else redis.call('HDEL', hash, me) end
+end
+if not running or ARGV[5] == '1' then
   local held = cjson.decode(ARGV[4])
-  for _, r in ipairs(held.reserved) do
-    redis.call('HSET', P .. 'reserved:' .. r[1], me, int(r[2]))
-  end
-  for _, r in ipairs(held.keyres) do
-    redis.call('HSET', P .. 'keyres:' .. r[1] .. ':' .. r[2], me, int(r[3]))
-  end
-  for _, r in ipairs(held.conc) do redis.call('HSET', P .. 'conc:' .. r[1], me, int(r[2])) end
+  for _, r in ipairs(held.reserved) do set(P .. 'reserved:' .. r[1], r[2]) end
+  for _, r in ipairs(held.keyres) do set(P .. 'keyres:' .. r[1] .. ':' .. r[2], r[3]) end
+  for _, r in ipairs(held.conc) do set(P .. 'conc:' .. r[1], r[2]) end
 end
 return {redis.call('ZCARD', replicas), running and 1 or 0}
 """

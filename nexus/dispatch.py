@@ -159,8 +159,9 @@ class Dispatcher:
             needs = embedding_requirements(body, size)
             return RouteRequest(model, needs, flexible, access=access)
         keys: tuple[int, ...] = ()
-        if self.router.routing.affinity:
-            keys = tuple(affinity_keys(model, body["messages"]))
+        routing = self.router.routing
+        if routing.affinity:  # replicas sharing the table need keys every process agrees on
+            keys = tuple(affinity_keys(model, body["messages"], routing.shared_affinity))
         native = "anthropic" if inbound is not None and inbound.native is not None else None
         needs = chat_requirements(body, client, size)
         return RouteRequest(model, needs, flexible, keys, body, native, access)

@@ -3,8 +3,9 @@ backend that served it recently, so the prompt that backend has cached is reused
 
 Two keys per request: the conversation (its leading system messages and first user message) and,
 when the leading system prompt is long, that prompt alone. The first key with a recent backend
-wins. Pure: the clock is passed in; the table is bounded and entries expire. Keys are digests
-(BLAKE2b, 8 bytes), the same in every process, so replicas can share the table.
+wins. Pure: the clock is passed in; the table is bounded and entries expire. Keys are Python's
+hash of the bytes (seeded per process, and fast), or with ``stable`` a digest (BLAKE2b, 8 bytes)
+that is the same in every process, so that replicas can share the table.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ LONG_PROMPT_CHARS = 1000
 MAX_ENTRIES = 10_000
 
 
-def affinity_keys(model: str, messages: Sequence[Any]) -> list[int]:
+def affinity_keys(model: str, messages: Sequence[Any], stable: bool = False) -> list[int]:
     leading: list[Any] = []
     system_chars = 0
     for message in messages:
@@ -34,11 +35,12 @@ def affinity_keys(model: str, messages: Sequence[Any]) -> list[int]:
     if not leading:
         return []
     try:
+        key = _digest if stable else hash
         named = model.encode() + b"\0"
-        keys = [_digest(named + orjson.dumps(leading))]
+        keys = [key(named + orjson.dumps(leading))]
         system = [m for m in leading if m.get("role") in ("system", "developer")]
         if system and system_chars >= LONG_PROMPT_CHARS and len(system) < len(leading):
-            keys.append(_digest(named + orjson.dumps(system)))
+            keys.append(key(named + orjson.dumps(system)))
     except orjson.JSONEncodeError:  # nested past what orjson writes: no affinity, not a crash
         return []
     return keys

@@ -16,6 +16,7 @@ import pytest
 from nexus.config import ConfigError, settings_from_dict
 from nexus.cost.ledger import month_of
 from nexus.keys.tokens import hash_of, new_secret
+from nexus.routing.affinity import affinity_keys
 from tests.fakes import FakeOpenAI
 from tests.harness import LoopThread, NexusServer, settings_for, wait_for
 from tests.integration.test_budget import PricedOpenAI
@@ -352,8 +353,7 @@ def test_shared_affinity_sends_a_conversation_back_whichever_replica_gets_it(loo
             served_by = "a" if first.calls(CHAT) else "b"
             fake = first if served_by == "a" else second
             router = servers[1].gateway.dispatcher.router
-            keys = tuple(__import__("nexus.routing.affinity", fromlist=["x"]).affinity_keys(
-                "m", messages))  # fmt: skip
+            keys = tuple(affinity_keys("m", messages, stable=True))
             assert wait_for(lambda: router.affinity.lookup(keys, router.clock()) == served_by, 2)
             for _ in range(4):  # round robin would alternate; affinity holds the backend
                 answer = chat(http, servers[1], messages=messages)

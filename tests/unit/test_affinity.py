@@ -198,3 +198,27 @@ def test_a_request_without_keys_is_not_affected():
     r = router(Clock())
     r.remember(request(SHORT, HELLO), "b")
     assert first(r.plan(RouteRequest("m"))) == ("a", "highest-score")
+
+
+def test_stable_keys_are_the_same_in_every_process():
+    """Replicas sharing the table (shared_affinity) must agree on a conversation's key, whatever
+    each process's string hash seed."""
+    import subprocess
+    import sys
+
+    code = (
+        "from nexus.routing.affinity import affinity_keys;"
+        "print(affinity_keys('m', [{'role': 'user', 'content': 'hello'}], stable=True))"
+    )
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={"PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout  # fmt: skip
+        for seed in ("1", "2")
+    }
+    assert len(seen) == 1
+    assert seen.pop().strip() == str(affinity_keys("m", [HELLO], stable=True))

@@ -16,10 +16,10 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .cost.ledger import Ledger, Reservation, month_of
+from .cost.ledger import Ledger, Reservation, month_of, next_month_start
 from .errors import RateLimited
 from .keys.ring import ClientKey, KeyRing
-from .keys.window import RateWindow, Refusal, duration
+from .keys.window import RateWindow, Refusal, reset_text
 from .state.store import Unreachable, nanos
 from .telemetry.outcomes import Trace
 
@@ -48,6 +48,7 @@ class SharedAdmission:
         self._budget_share: float | None = None
         self._key_base: dict[str, float] = {}  # while down: a key's use when Redis went away
         self._fleet_reserved = 0.0  # what the replicas held reserved, as Redis last said
+        self._month, self._month_ends = "", 0.0  # the current UTC month, and when it ends
         gate.on_down.append(self._went_down)
 
     @staticmethod
@@ -71,7 +72,10 @@ class SharedAdmission:
             return None
         if self.gate.down is not None:
             return self._admit_here(trace, rated, budgeted, worst, cloud)
-        month = month_of(ledger.clock())
+        now = ledger.clock()
+        if now >= self._month_ends:
+            self._month, self._month_ends = month_of(now), next_month_start(now)
+        month = self._month
         limits = (0, 0, 0)
         if rated is not None:
             window = rated.window
@@ -221,13 +225,13 @@ def _head(window: RateWindow, verdict: Verdict) -> bytes:
         text += (
             f"x-ratelimit-limit-requests: {window.rpm}\r\n"
             f"x-ratelimit-remaining-requests: {verdict.requests_left}\r\n"
-            f"x-ratelimit-reset-requests: {duration(verdict.requests_reset)}\r\n"
+            f"x-ratelimit-reset-requests: {reset_text(verdict.requests_reset)}\r\n"
         )
     if window.tpm is not None:
         text += (
             f"x-ratelimit-limit-tokens: {window.tpm}\r\n"
             f"x-ratelimit-remaining-tokens: {verdict.tokens_left}\r\n"
-            f"x-ratelimit-reset-tokens: {duration(verdict.tokens_reset)}\r\n"
+            f"x-ratelimit-reset-tokens: {reset_text(verdict.tokens_reset)}\r\n"
         )
     return text.encode()
 

@@ -220,7 +220,10 @@ class Ledger:
     def fleet_spent(self, total: float, month: str) -> None:
         """The month's spend across the replicas, as the shared store last said."""
         if month == self.month:
-            unsent = sum(t.cost_usd for (m, _, _), t in self._pending.items() if m == month)
+            pending = self._pending
+            unsent = (
+                sum(t.cost_usd for (m, _, _), t in pending.items() if m == month) if pending else 0
+            )
             self.spent = max(total + unsent, 0.0)
 
     def release(self, reservation: Reservation | None) -> None:

@@ -200,6 +200,12 @@ def duration(seconds: float) -> str:
 _RESETS = [_tenths_text(tenths) for tenths in range(WINDOW_SLOTS + 2)]
 
 
+def reset_text(seconds: float) -> str:
+    """A reset in ``seconds`` as OpenAI writes it, rounded up to a tenth of a second (from a
+    table up to a minute)."""
+    return _reset_text(math.ceil(seconds * SLOTS_PER_SECOND - 1e-9))
+
+
 def _reset_text(tenths: int) -> str:
     if 0 <= tenths <= WINDOW_SLOTS + 1:
         return _RESETS[tenths]

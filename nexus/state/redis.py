@@ -85,6 +85,7 @@ class RedisStore:
         self._settle = self._db.register_script(SETTLE)
         self._key_usage = self._db.register_script(KEY_USAGE)
         self._aio = client or target.resp_client()  # the batches, from the event loop
+        self._asettle, self._akey_usage = Script(SETTLE, prefix), Script(KEY_USAGE, prefix)
 
     def ping(self) -> None:
         self._db.ping()
@@ -127,7 +128,7 @@ class RedisStore:
     ) -> float | None:
         """``settle`` from the event loop: sent at once, ahead of any later admission (a
         reservation freed here is free for the next request, on any replica)."""
-        total = await self._aio.run(_SETTLE, self.prefix, self._settled(batch, spends, freed))
+        total = await self._aio.run(self._asettle, self._settled(batch, spends, freed))
         return dollars(total) if spends else None
 
     def _settled(
@@ -183,7 +184,7 @@ class RedisStore:
     async def aadd_key_usage(self, usage: Sequence[KeyUsage], batch: str = "") -> None:
         """``add_key_usage`` from the event loop (a key's freed reservation, at once)."""
         for payload in self._usage(usage, batch):
-            await self._aio.run(_KEY_USAGE, self.prefix, payload)
+            await self._aio.run(self._akey_usage, payload)
 
     def _usage(self, usage: Sequence[KeyUsage], batch: str) -> list[bytes]:
         """One step per month (nearly always one), each with its own id."""
@@ -223,9 +224,6 @@ class RedisStore:
 
     async def aclose(self) -> None:
         await self._aio.aclose()
-
-
-_SETTLE, _KEY_USAGE = Script(SETTLE), Script(KEY_USAGE)
 
 
 def _new_id() -> str:

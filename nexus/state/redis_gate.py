@@ -34,7 +34,6 @@ PROBE_SECONDS = 1.0  # while Redis is away
 AFFINITY_BATCH_SECONDS = 0.05
 AFFINITY_PENDING_MAX = 10_000  # entries waiting to be published; more are dropped (a hint only)
 TROUBLE = (RedisError, ReplyError, OSError, asyncio.TimeoutError)
-_ADMIT, _FINISHED, _LEASE = Script(ADMIT), Script(FINISHED), Script(LEASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +67,9 @@ class RedisGate:
         # a request waits for a free connection rather than opening one past the cap
         self.target = target
         self._client = client or target.resp_client()  # the request path's one call
+        self._admit = Script(ADMIT, prefix, replica)  # its fixed arguments encoded once
+        self._finished = Script(FINISHED, prefix, replica)
+        self._lease = Script(LEASE, prefix, replica)
         self._pubsub = target.async_client()  # the channels (redis-py)
         self.replicas = 1  # live replicas, as last seen
         self.down: str | None = None  # why Redis is out of reach, while it is
@@ -93,7 +95,7 @@ class RedisGate:
         rpm, tpm, conc = limits
         try:
             got = await self._client.run(
-                _ADMIT, self.prefix, self.replica, month, name, rpm, tpm, conc, worst, limit,
+                self._admit, month, name, rpm, tpm, conc, worst, limit,
                 key_limit,
             )  # fmt: skip
         except TROUBLE as exc:
@@ -118,7 +120,7 @@ class RedisGate:
 
     async def _finish(self, name: str) -> None:
         try:
-            await self._client.run(_FINISHED, self.prefix, self.replica, name)
+            await self._client.run(self._finished, name)
         except TROUBLE as exc:
             self.trouble(exc)
 
@@ -175,9 +177,7 @@ class RedisGate:
         """Renew the lease (setting what this replica holds if it had run out, or ``force``);
         raises Unreachable when Redis is out of reach."""
         try:
-            got = await self._client.run(
-                _LEASE, self.prefix, self.replica, LEASE_MS, orjson.dumps(holdings), int(force)
-            )
+            got = await self._client.run(self._lease, LEASE_MS, orjson.dumps(holdings), int(force))
         except TROUBLE as exc:
             raise Unreachable(f"{type(exc).__name__}: {exc}") from exc
         self.replicas = max(1, int(got[0]))

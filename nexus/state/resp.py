@@ -33,13 +33,15 @@ class _Incomplete(Exception):
     pass
 
 
+def bulk(arg: bytes | str | int | float) -> bytes:
+    """One argument as a RESP bulk string."""
+    data = arg if isinstance(arg, bytes) else b"%d" % arg if type(arg) is int else str(arg).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
 def command(*args: bytes | str | int | float) -> bytes:
     """A command in RESP: an array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+    return b"*%d\r\n" % len(args) + b"".join([bulk(arg) for arg in args])
 
 
 def _parse(buffer: bytearray, at: int) -> tuple[Reply, int]:
@@ -47,30 +49,39 @@ def _parse(buffer: bytearray, at: int) -> tuple[Reply, int]:
     end = buffer.find(b"\r\n", at)
     if end < 0:
         raise _Incomplete
-    kind, line = buffer[at], bytes(buffer[at + 1 : end])
-    at = end + 2
+    kind = buffer[at]
     if kind == 58:  # ':'
-        return int(line), at
+        return int(buffer[at + 1 : end]), end + 2
     if kind == 36:  # '$'
-        size = int(line)
+        size = int(buffer[at + 1 : end])
+        at = end + 2
         if size < 0:
             return None, at
         if len(buffer) < at + size + 2:
             raise _Incomplete
         return bytes(buffer[at : at + size]), at + size + 2
-    if kind == 42:  # '*'
-        count = int(line)
+    if kind == 42:  # '*': its items in a loop, recursing only into nested arrays
+        count = int(buffer[at + 1 : end])
+        at = end + 2
         if count < 0:
             return None, at
-        items = []
+        items: list[Reply] = []
         for _ in range(count):
-            item, at = _parse(buffer, at)
-            items.append(item)
+            end = buffer.find(b"\r\n", at)
+            if end < 0:
+                raise _Incomplete
+            if buffer[at] == 58:
+                items.append(int(buffer[at + 1 : end]))
+                at = end + 2
+            else:
+                item, at = _parse(buffer, at)
+                items.append(item)
         return items, at
+    line = bytes(buffer[at + 1 : end])
     if kind == 43:  # '+'
-        return line, at
+        return line, end + 2
     if kind == 45:  # '-'
-        return ReplyError(line.decode(errors="replace")), at
+        return ReplyError(line.decode(errors="replace")), end + 2
     raise ConnectionError(f"Redis sent something that is not RESP2 ({kind:#x})")
 
 
@@ -153,11 +164,19 @@ class _Connection(asyncio.Protocol):
 
 
 class Script:
-    """A Lua script: run by its SHA1, loaded on the first NOSCRIPT."""
+    """A Lua script: run by its SHA1, loaded on the first NOSCRIPT. ``fixed``: its first
+    arguments, when every call passes the same ones (encoded once)."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, *fixed: bytes | str | int) -> None:
         self.text = text
         self.sha = hashlib.sha1(text.encode()).hexdigest().encode()
+        self.fixed = fixed
+        self._head = bulk(b"EVALSHA") + bulk(self.sha) + bulk(0) + b"".join(map(bulk, fixed))
+
+    def call(self, args: tuple[bytes | str | int | float, ...]) -> bytes:
+        """EVALSHA with the fixed arguments, then ``args`` (no keys declared)."""
+        count = 3 + len(self.fixed) + len(args)
+        return b"*%d\r\n" % count + self._head + b"".join([bulk(arg) for arg in args])
 
 
 class RespClient:
@@ -180,21 +199,25 @@ class RespClient:
         self._connecting: asyncio.Future[_Connection] | None = None
 
     async def call(self, *args: bytes | str | int | float) -> Reply:
+        return await self._send(command(*args))
+
+    async def _send(self, data: bytes) -> Reply:
         connection = self._connection
         if connection is None or connection.lost is not None:
             connection = await self._connect()
-        return await connection.send(command(*args))
+        return await connection.send(data)
 
     async def run(self, script: Script, *args: bytes | str | int | float) -> Reply:
-        """EVALSHA (no keys declared: the scripts build theirs); EVAL's text once if Redis does
-        not have it (a restarted server)."""
+        """The script's EVALSHA (no keys declared: the scripts build theirs), after its fixed
+        arguments; its text is loaded once if Redis does not have it (a restarted server)."""
+        data = script.call(args)
         try:
-            return await self.call(b"EVALSHA", script.sha, 0, *args)
+            return await self._send(data)
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         await self.call(b"SCRIPT", b"LOAD", script.text)
-        return await self.call(b"EVALSHA", script.sha, 0, *args)
+        return await self._send(data)
 
     async def _connect(self) -> _Connection:
         if self._connecting is not None:  # one connect at a time; the others wait for it

@@ -548,8 +548,9 @@ class Dispatcher:
         by the budget is where a client most needs it."""
         if self.meter is not None:
             budget = self.meter.ledger.headers()
-            if budget:
-                exc.extra_headers = {name.decode(): value.decode() for name, value in budget}
+            if budget:  # beside what the error carries already (a key's rate-limit headers)
+                told = {name.decode(): value.decode() for name, value in budget}
+                exc.extra_headers = {**(exc.extra_headers or {}), **told}
 
     def _budget_headers(self) -> tuple[tuple[bytes, bytes], ...]:
         meter = self.meter

@@ -170,8 +170,8 @@ if worst > 0 and rate <= 0 then
   end
 end
 alive('')
-return {rate, budget, rleft, rreset, tleft, treset, int(spent), retry, running, int(held),
-        live_count, tight}
+-- whole nanodollars, below 2^53: exact as integer replies
+return {rate, budget, rleft, rreset, tleft, treset, spent, retry, running, held, live_count, tight}
 """
 )
 

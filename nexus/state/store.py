@@ -19,7 +19,8 @@ def nanos(usd: float) -> int:
 
 
 def dollars(nanodollars: int | float | bytes | str) -> float:
-    return int(float(nanodollars)) / NANO
+    whole = nanodollars if type(nanodollars) is int else int(float(nanodollars))
+    return whole / NANO
 
 
 @dataclass(frozen=True, slots=True)

@@ -231,7 +231,6 @@ class SharedSetup:
         client = target.resp_client()  # one pipelined connection for the gate and the batches
         self.store = RedisStore(target, state.redis_prefix, self.replica, client)
         self.gate = RedisGate(target, state.redis_prefix, self.replica, client)
-        self.admission: SharedAdmission | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(
@@ -244,7 +243,7 @@ class SharedSetup:
     ) -> SharedAdmission:
         """Join the fleet (or start degraded when Redis is down); stopped with ``stack``."""
         gate = self.gate
-        admission = self.admission = SharedAdmission(gate, meter.ledger, keys)
+        admission = SharedAdmission(gate, meter.ledger, keys)
         stack.push_async_callback(self.stop)
         if auth is not None:
             auth.shared = admission  # limited keys are admitted in Redis

@@ -337,7 +337,11 @@ class Dispatcher:
                 adapter = self.adapters.for_type(step.backend.type)
                 if adapter is None:
                     continue
-                charge = await self._charge_of(step, request, trace)
+                shared = self.shared  # (no coroutine on the embedded store's path)
+                charge = (
+                    self._charge(step, request) if shared is None
+                    else await self._shared_charge(step, request, trace)
+                )  # fmt: skip
                 if charge is not None and charge.reservation is None:
                     # The budget cannot hold its worst case: as if planned out (not a try).
                     refused = True
@@ -452,9 +456,11 @@ class Dispatcher:
         return scheme.lower() == "bearer" and keys.by_hash(hash_of(token.strip())) is not None
 
     def _charge(self, step: Step, request: RouteRequest) -> Charge | None:
-        """Reserve the worst case of a call to a priced backend (None when it is free)."""
+        """Reserve the worst case of a call to a priced backend (None when it is free or
+        nothing is priced)."""
         meter = self.meter
-        assert meter is not None
+        if meter is None:
+            return None
         backend = step.backend
         price = meter.price(backend, step.model)
         if price is None:
@@ -471,11 +477,6 @@ class Dispatcher:
             meter.ledger.release(reservation)
             return Charge(price, worst, None, key_refused=True)
         return Charge(price, worst, reservation, key=key)
-
-    async def _charge_of(self, step: Step, request: RouteRequest, trace: Trace) -> Charge | None:
-        if self.shared is not None:
-            return await self._shared_charge(step, request, trace)
-        return self._charge(step, request) if self.meter is not None else None
 
     async def _shared_charge(
         self, step: Step, request: RouteRequest, trace: Trace

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from ..config import BudgetSettings
+from ..state.flush import FlushTimer
 from ..state.store import SharedStore, Spend, StateStore
 
 log = logging.getLogger("nexus.cost")
@@ -114,8 +115,7 @@ class Ledger:
         self._unsent: list[Batch] = []  # batches whose write failed: sent again, as they are
         self._again = False  # a flush came while a write was in flight (shared stores)
         self.loaded = store is None  # the month's spend was read back (nothing to read: True)
-        self._timer: asyncio.Handle | None = None  # (uvloop answers call_later(0) with a Handle)
-        self._due = 0.0  # when the timer fires (loop time)
+        self._timer = FlushTimer(self._flush)
         self._writes: set[asyncio.Future[Any]] = set()
         self._writer = (
             concurrent.futures.ThreadPoolExecutor(1, "nexus-state") if store is not None else None
@@ -148,9 +148,7 @@ class Ledger:
         """Write what is pending and wait for every write to finish; a failed write (put back
         into the pending batch) is tried again a few times before the spend is given up."""
         for attempt in range(CLOSE_ATTEMPTS):
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._timer.cancel()
             if attempt:
                 await asyncio.sleep(0.05 * attempt)
             self._flush()
@@ -158,9 +156,7 @@ class Ledger:
                 await asyncio.gather(*self._writes, return_exceptions=True)
             if not self._pending and not self._unsent:
                 break
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         if self._pending or self._unsent:
             lost = sum(t.cost_usd for t in self._pending.values())
             lost += sum(s.cost_usd for batch in self._unsent for s in batch.spends)
@@ -275,14 +271,7 @@ class Ledger:
         """Write within ``flush_interval``; ``soon``: within a few ms (a reservation held in the
         shared store is freed there promptly, so the fleet's budget is not held up by it),
         unless writes are failing."""
-        loop = asyncio.get_running_loop()
-        delay = SOON if soon and not self._unsent else self.flush_interval
-        due = loop.time() + delay
-        if self._timer is not None:
-            if self._due <= due:
-                return
-            self._timer.cancel()
-        self._timer, self._due = loop.call_later(delay, self._flush), due
+        self._timer.within(SOON if soon and not self._unsent else self.flush_interval)
 
     def snapshot(self) -> dict[str, Any]:
         """The ``budget`` object of ``/v1/stats``."""
@@ -345,7 +334,7 @@ class Ledger:
         log.info("a new month (%s): the spend starts again from 0", self.month)
 
     def _flush(self) -> None:
-        self._timer = None
+        self._timer.cancel()  # (when called before it fires)
         if self.store is None or self._writer is None:
             return
         if self.shared and self._writes:  # one write at a time: what comes meanwhile is the
@@ -380,25 +369,19 @@ class Ledger:
 
     def _write(self, batches: list[Batch]) -> tuple[int, tuple[float, str] | None]:
         """In the writer thread: the batches in order, up to the first that fails; how many
-        were written, and the month's spend across the replicas (shared stores) with its month."""
+        were written (a store of this process's own: no spend across replicas to tell)."""
         store = self.store
         assert store is not None
-        fleet = None
         for done, batch in enumerate(batches):
             try:
-                if self.shared:
-                    total = store.settle(batch.id, batch.spends, batch.freed)
-                    if total is not None and batch.spends:
-                        fleet = (total, batch.spends[-1].month)
-                else:
-                    store.add(batch.spends)
+                store.add(batch.spends)
             except Exception as exc:
                 if done == 0:
                     raise
                 log.error("could not write the spend to the state store (kept, tried again): "
                           "%s", exc)  # fmt: skip
-                return done, fleet
-        return len(batches), fleet
+                return done, None
+        return len(batches), None
 
     async def _write_shared(self, batches: list[Batch]) -> tuple[int, tuple[float, str] | None]:
         """``_write`` for a shared store, from the event loop."""
@@ -431,10 +414,7 @@ class Ledger:
             written = 0
         if written < len(batches):
             self._unsent = batches[written:] + self._unsent  # nothing is lost: sent again, as is
-            if self._timer is not None:
-                self._timer.cancel()
-            loop = asyncio.get_running_loop()
-            self._timer, self._due = loop.call_later(1.0, self._flush), loop.time() + 1.0
+            self._timer.after(1.0)
         elif self._again:
             self._again = False
             self._flush()

@@ -25,6 +25,7 @@ import orjson
 
 from ..config import ConfiguredKey, KeyLimits
 from ..cost.ledger import SOON, Reservation, month_of, next_month_start
+from ..state.flush import FlushTimer
 from ..state.store import KeyUsage, SharedStore, StateStore, StoredKey
 from ..telemetry.outcomes import Outcome
 from .tokens import MAX_KEY_LENGTH, hash_of, new_secret, prefix_of, same
@@ -164,8 +165,7 @@ class KeyRing:
         # names of the keys used since the last write: the key is looked up when written (a
         # name taken again after a revocation is one account, whichever key object holds it)
         self._dirty: set[str] = set()
-        self._timer: asyncio.Handle | None = None  # (uvloop answers call_later(0) with a Handle)
-        self._due = 0.0  # when the timer fires (loop time)
+        self._timer = FlushTimer(self._flush)
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._writes: set[asyncio.Future[Any]] = set()
         self._creating: set[str] = set()  # names whose create is writing to the store
@@ -228,7 +228,7 @@ class KeyRing:
             usage.prompt_tokens += prompt
             usage.completion_tokens += completion
             dirty.add(name)  # what changed is worked out when written
-        if dirty and self._timer is None:
+        if dirty and not self._timer.set:
             self._schedule()
 
     def charge(
@@ -419,20 +419,13 @@ class KeyRing:
         if self.store is None:
             return
         try:
-            loop = asyncio.get_running_loop()
+            self._timer.within(SOON if soon and not self._unsent else self.flush_interval)
         except RuntimeError:  # counted outside the loop (the last drain): aclose writes it
             return
-        delay = SOON if soon and not self._unsent else self.flush_interval
-        due = loop.time() + delay
-        if self._timer is not None:
-            if self._due <= due:
-                return
-            self._timer.cancel()
-        self._timer, self._due = loop.call_later(delay, self._flush), due
 
     def _flush(self) -> None:
         """Write what each key used since the last write (in the writer thread)."""
-        self._timer = None
+        self._timer.cancel()  # (when called before it fires)
         if self.store is None or self._writer is None:
             return
         if self.store.shared and self._writes:  # one write at a time: the rest goes next
@@ -523,8 +516,7 @@ class KeyRing:
             self._flush()
 
     async def aclose(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
         self._flush()
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)

@@ -77,7 +77,6 @@ class RedisStore:
     def __init__(
         self, target: RedisTarget, prefix: str, replica: str, client: RespClient | None = None
     ) -> None:
-        self.target = target
         self.prefix = prefix
         self.replica = replica  # this replica's name: what it holds is kept under it
         self.channel = f"{prefix}keys"
@@ -86,9 +85,6 @@ class RedisStore:
         self._key_usage = self._db.register_script(KEY_USAGE)
         self._aio = client or target.resp_client()  # the batches, from the event loop
         self._asettle, self._akey_usage = Script(SETTLE, prefix), Script(KEY_USAGE, prefix)
-
-    def ping(self) -> None:
-        self._db.ping()
 
     def persistence(self) -> str:
         """What the server says of its persistence (``appendonly``), or why it cannot say."""
@@ -115,13 +111,7 @@ class RedisStore:
         ]
 
     def add(self, spends: Sequence[Spend]) -> None:
-        self.settle("", spends, ())
-
-    def settle(
-        self, batch: str, spends: Sequence[Spend], freed: Sequence[tuple[str, float]]
-    ) -> float | None:
-        total = self._settle(args=[self.prefix, self._settled(batch, spends, freed)])
-        return dollars(total) if spends else None
+        self._settle(args=[self.prefix, self._settled("", spends, ())])
 
     async def asettle(
         self, batch: str, spends: Sequence[Spend], freed: Sequence[tuple[str, float]]

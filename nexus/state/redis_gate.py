@@ -65,7 +65,6 @@ class RedisGate:
         self._affinity: list[tuple[list[int], str]] = []
         self._affinity_timer: asyncio.TimerHandle | None = None
         # a request waits for a free connection rather than opening one past the cap
-        self.target = target
         self._client = client or target.resp_client()  # the request path's one call
         self._admit = Script(ADMIT, prefix, replica)  # its fixed arguments encoded once
         self._finished = Script(FINISHED, prefix, replica)
@@ -169,8 +168,14 @@ class RedisGate:
         self.degraded_seconds += spell
         self.down = None
         log.warning("Redis is back after %.1f s; shared limits apply again", spell)
-        for callback in self.on_back:
-            await callback()
+        for callback in self.on_back:  # (none may end the task that keeps the lease)
+            try:
+                await callback()
+            except (*TROUBLE, Unreachable) as exc:
+                self.trouble(exc)  # gone again: all of them are run when it is back
+                return
+            except Exception:
+                log.exception("catching up with Redis failed")
 
     # --- staying in the fleet ---------------------------------------------------------------
     async def renew(self, holdings: dict[str, list[list[Any]]], force: bool = False) -> None:

@@ -131,13 +131,6 @@ class SQLiteStore:
         ]
         self._write(ADD, rows)
 
-    def settle(
-        self, batch: str, spends: Sequence[Spend], freed: Sequence[tuple[str, float]]
-    ) -> float | None:
-        """Reservations live in the process here: only the spend is written."""
-        self.add(spends)
-        return None
-
     def _write(self, sql: str, rows: Sequence[tuple[object, ...]]) -> None:
         """``rows`` in one transaction: all or nothing."""
         with self._lock:

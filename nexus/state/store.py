@@ -78,13 +78,6 @@ class StateStore(Protocol):
         """Add ``spends`` to the stored totals, all or nothing, durably."""
         ...
 
-    def settle(
-        self, batch: str, spends: Sequence[Spend], freed: Sequence[tuple[str, float]]
-    ) -> float | None:
-        """A shared store: add ``spends`` and free the ``(month, usd)`` reservations they held,
-        in one step, once per ``batch`` id; the month's spend across the replicas."""
-        ...
-
     def keys(self) -> list[StoredKey]:
         """Every key created through the admin API (revoked ones too)."""
         ...
@@ -113,7 +106,10 @@ class SharedStore(StateStore, Protocol):
 
     async def asettle(
         self, batch: str, spends: Sequence[Spend], freed: Sequence[tuple[str, float]]
-    ) -> float | None: ...
+    ) -> float | None:
+        """Add ``spends`` and free the ``(month, usd)`` reservations they held, in one step,
+        once per ``batch`` id; the month's spend across the replicas."""
+        ...
 
     async def aadd_key_usage(self, usage: Sequence[KeyUsage], batch: str = "") -> None: ...
 

@@ -57,9 +57,6 @@ class Store:
             if m == month
         ]
 
-    def settle(self, batch: str, spends: Sequence[Spend], freed: object) -> float | None:
-        return None
-
     def add_key_usage(self, usage: Sequence[KeyUsage], batch: str = "") -> None:
         self.writes += 1
         if self.failures:

@@ -2,9 +2,12 @@
 
 A keyed request whose key has rpm, tpm or max_concurrent, and a priced call that a budget limits
 (the monthly limit where its action blocks the backend, or the key's monthly budget), are checked
-and counted in Redis, in one script: one round trip, made when dispatch reaches the first step
-of the plan (the rate part waits for it, so that both go together). Requests that are neither
-limited nor priced do not touch Redis; what requests used is written in batches, off their path.
+and counted in Redis, in one script: one round trip. Dispatch sends it before it plans the request
+(``ask``, priced for the step the model's last request went to first) and reads its answer at the
+first step (``answer``); a reservation made for another price is given back (``give_back``) and
+asked again, and one no step read is given back in the background (``drop``). Requests that are
+neither limited nor priced do not touch Redis; what requests used is written in batches, off
+their path.
 
 While Redis is out of reach, each replica admits on its own, with its share of every limit (the
 limit divided by the replicas last seen alive), so that together they stay within it.
@@ -12,6 +15,7 @@ limit divided by the replicas last seen alive), so that together they stay withi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,9 +28,21 @@ from .state.store import Unreachable, nanos
 from .telemetry.outcomes import Trace
 
 if TYPE_CHECKING:  # redis is imported only with [state] backend = "redis"
-    from .state.redis_gate import RedisGate, Verdict
+    from .state.redis_gate import Asked, RedisGate, Verdict
 
 log = logging.getLogger("nexus.admission")
+
+
+@dataclass(slots=True)
+class Asking:
+    """An admission on its way to the store, and what its answer is applied to."""
+
+    asked: Asked
+    rated: ClientKey | None  # the key whose rate limits it checks
+    budgeted: ClientKey | None  # the key whose monthly budget it checks
+    worst: float | None  # what it reserves
+    cloud: bool
+    month: str
 
 
 @dataclass(slots=True)
@@ -49,6 +65,7 @@ class SharedAdmission:
         self._key_base: dict[str, float] = {}  # while down: a key's use when Redis went away
         self._fleet_reserved = 0.0  # what the replicas held reserved, as Redis last said
         self._month, self._month_ends = "", 0.0  # the current UTC month, and when it ends
+        self._tasks: set[asyncio.Task[None]] = set()  # admissions being given back
         gate.on_down.append(self._went_down)
 
     @staticmethod
@@ -72,44 +89,114 @@ class SharedAdmission:
             return None
         if self.gate.down is not None:
             return self._admit_here(trace, rated, budgeted, worst, cloud)
+        return await self.answer(self._ask(trace, rated, budgeted, checked, worst, cloud), trace)
+
+    def ask(
+        self, trace: Trace, key: ClientKey | None, worst: float | None, cloud: bool
+    ) -> Asking | None:
+        """The admission ``admit`` would make, written to the store now (its answer read with
+        ``answer``); None when it would not ask the store (``admit`` decides then)."""
+        ledger = self.ledger
+        rated = trace.pending
+        budgeted = key if key is not None and key.limits.monthly_budget_usd is not None else None
+        checked = worst is not None and (ledger.limit is not None and ledger.blocks(cloud))
+        if rated is None and (worst is None or (not checked and budgeted is None)):
+            return None
+        if self.gate.down is not None:
+            return None
+        return self._ask(trace, rated, budgeted, checked, worst, cloud)
+
+    def _ask(
+        self,
+        trace: Trace,
+        rated: ClientKey | None,
+        budgeted: ClientKey | None,
+        checked: bool,
+        worst: float | None,
+        cloud: bool,
+    ) -> Asking:
+        ledger = self.ledger
         now = ledger.clock()
         if now >= self._month_ends:
             self._month, self._month_ends = month_of(now), next_month_start(now)
         month = self._month
         limits = (0, 0, 0)
+        name = ""
         if rated is not None:
+            trace.pending = None  # asked: the answer admits it
             window = rated.window
             limits = (window.rpm or 0, window.tpm or 0, window.max_concurrent or 0)
+            name = rated.name
+        elif budgeted is not None:
+            name = budgeted.name
+        limit = ledger.limit
+        asked = self.gate.ask(
+            month,
+            name,
+            limits,
+            nanos(worst) if worst else 0,
+            nanos(limit) if checked and limit is not None else -1,
+            nanos(budgeted.limits.monthly_budget_usd or 0.0) if budgeted is not None else -1,
+        )
+        return Asking(asked, rated, budgeted, worst, cloud, month)
+
+    async def answer(self, asking: Asking, trace: Trace) -> Held | None:
+        """What the store answered to ``asking`` (raises RateLimited when the key's limits
+        refuse); decided here, with this replica's share, when the store is out of reach."""
+        rated, worst = asking.rated, asking.worst
         try:
-            verdict = await self.gate.admit(
-                month,
-                rated.name if rated is not None else (key.name if key is not None else ""),
-                limits,
-                nanos(worst or 0.0),
-                nanos(ledger.limit) if checked and ledger.limit is not None else -1,
-                nanos(budgeted.limits.monthly_budget_usd or 0.0) if budgeted is not None else -1,
-            )
+            verdict = await self.gate.answer(asking.asked)
         except Unreachable:
-            return self._admit_here(trace, rated, budgeted, worst, cloud)
+            if rated is not None:
+                trace.pending = rated
+            return self._admit_here(trace, rated, asking.budgeted, worst, asking.cloud)
+        ledger, month = self.ledger, asking.month
         ledger.fleet_spent(verdict.spent_usd, month)
-        if worst is not None:
-            self._fleet_reserved = verdict.reserved_usd
         if rated is not None:
             self._rated(trace, rated, verdict)
         if worst is None:
             return None
-        if verdict.budget == 1:
+        self._fleet_reserved = verdict.reserved_usd
+        budget = verdict.budget
+        if budget == 1:
             ledger.refused_by_store()
             return Held(None)
-        if verdict.budget == 2:
+        if budget == 2:
             return Held(None, key_refused=True)
-        if verdict.budget == -1:  # nothing asked of the store: held here
+        cloud = asking.cloud
+        if budget == -1:  # nothing asked of the store: held here
             return Held(ledger.reserve(worst, cloud=cloud))
+        budgeted = asking.budgeted
         if budgeted is not None:
             budgeted.reserved_usd += worst
             budgeted.held_in_store += worst
         reservation = ledger.held(worst, cloud, month, urgent=verdict.tight)
         return Held(reservation, key_held=budgeted is not None)
+
+    def drop(self, asking: Asking, key: ClientKey | None) -> None:
+        """An admission asked for a request that will not be dispatched after all (it ended
+        before, or planned another call): what the store gives it is given back."""
+        task = asyncio.get_running_loop().create_task(self._drop(asking, key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drop(self, asking: Asking, key: ClientKey | None) -> None:
+        trace = Trace(pending=asking.rated)
+        try:
+            held = await self.answer(asking, trace)
+        except RateLimited:
+            return
+        self.give_back(held, key)
+        if asking.rated is not None:
+            self.finished(asking.rated, trace)
+
+    def give_back(self, held: Held | None, key: ClientKey | None) -> None:
+        """A reservation ``answer`` made, not used."""
+        if held is None or held.reservation is None:
+            return
+        self.ledger.release(held.reservation)
+        if held.key_held and key is not None:
+            self.keys.release(key, held.reservation.amount, held.reservation)
 
     def _rated(self, trace: Trace, key: ClientKey, verdict: Verdict) -> None:
         trace.pending = None

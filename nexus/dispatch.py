@@ -26,7 +26,7 @@ from typing import Literal, TypeVar
 
 import orjson
 
-from .admission import SharedAdmission
+from .admission import Asking, SharedAdmission
 from .backends import Adapter, Adapters, Call, Completion, Inbound, StartedStream
 
 __all__ = ["Dispatcher", "Inbound", "Served", "StreamResult"]
@@ -60,6 +60,7 @@ from .routing.requirements import chat_requirements, embedding_requirements
 from .telemetry.outcomes import Trace
 
 log = logging.getLogger("nexus.dispatch")
+FIRST_STEPS_MAX = 1024  # models whose first step is remembered (for the early admission)
 
 Kind = Literal["chat", "embeddings"]
 T = TypeVar("T")
@@ -106,6 +107,19 @@ class Charge:
 
 
 @dataclass(slots=True)
+class Early:
+    """A request's admission in the shared store, asked before its plan: for the step the
+    model's requests went to first last time (its answer is read when the walk reaches a step;
+    what it reserved is given back if that step is another)."""
+
+    asking: Asking
+    backend: Backend | None  # the step it was asked for (None: no budget guessed)
+    model: str
+    price: Price | None
+    worst: float | None
+
+
+@dataclass(slots=True)
 class StreamResult:
     served: Served
     events: AsyncGenerator[bytes, None]
@@ -131,6 +145,7 @@ class Dispatcher:
         self.meter = meter
         self.keys = keys
         self.shared = shared  # [state] backend = "redis": limits and budgets checked there
+        self._first: dict[str, tuple[Backend, str]] = {}  # model -> its last first step
         self.registry = registry
         self.adapters = adapters
         self.health = health
@@ -320,6 +335,9 @@ class Dispatcher:
     ) -> tuple[T, Served]:
         """Try the plan's steps in order until one answers; ``attempt`` owns the in-flight slot
         taken here (it releases it when the answer is complete, or at once when it fails)."""
+        # With the shared store, the admission goes before the plan (its round trip overlaps
+        # planning); its answer is read at the first step.
+        early = self._ask_early(request, trace) if self.shared is not None else None
         try:
             trace.model = request.model
             trace.stream = request.requirements.stream
@@ -337,10 +355,15 @@ class Dispatcher:
                 adapter = self.adapters.for_type(step.backend.type)
                 if adapter is None:
                     continue
+                # (made before the charge: while the shared store answers)
+                headers = upstream_headers(step, client, request_id, keyed)
+                estimate = request.requirements.estimated_tokens
+                call = Call(body, raw, step.model, headers, estimate, inbound)
                 shared = self.shared  # (no coroutine on the embedded store's path)
+                asked, early = early, None  # (read at the first step, whatever it raises)
                 charge = (
                     self._charge(step, request) if shared is None
-                    else await self._shared_charge(step, request, trace)
+                    else await self._shared_charge(step, request, trace, asked)
                 )  # fmt: skip
                 if charge is not None and charge.reservation is None:
                     # The budget cannot hold its worst case: as if planned out (not a try).
@@ -351,9 +374,6 @@ class Dispatcher:
                 tries += 1
                 trace.attempts = tries
                 trace.backend = step.backend.name  # a failure is counted against who failed
-                headers = upstream_headers(step, client, request_id, keyed)
-                estimate = request.requirements.estimated_tokens
-                call = Call(body, raw, step.model, headers, estimate, inbound)
                 step.backend.in_flight += 1
                 step.backend.total_requests += 1
                 try:
@@ -394,6 +414,8 @@ class Dispatcher:
         except NexusError as exc:
             self._tell_budget(exc)
             raise
+        finally:
+            self._unused(early, request)  # no step was reached
 
     async def _relay(
         self,
@@ -478,22 +500,71 @@ class Dispatcher:
             return Charge(price, worst, None, key_refused=True)
         return Charge(price, worst, reservation, key=key)
 
+    def _ask_early(self, request: RouteRequest, trace: Trace) -> Early | None:
+        """The admission ``_shared_charge`` will need, asked now (before the plan): for the
+        step this model's requests went to first last time; None when there is none to guess
+        (a priced model not dispatched yet) or nothing to ask."""
+        assert self.shared is not None
+        meter = self.meter
+        backend, model, price, worst = None, "", None, None
+        if meter is not None:
+            guess = self._first.get(request.model)
+            if guess is None:
+                return None
+            backend, model = guess
+            price, worst = self._worst(backend, model, request)
+        elif trace.pending is None:
+            return None
+        cloud = backend is not None and backend.zone == "open"
+        asking = self.shared.ask(trace, _key_of(request), worst, cloud)
+        return None if asking is None else Early(asking, backend, model, price, worst)
+
+    def _unused(self, early: Early | None, request: RouteRequest) -> None:
+        """An early admission no step read: what it holds is given back."""
+        if early is not None and self.shared is not None:
+            self.shared.drop(early.asking, _key_of(request))
+
+    def _worst(
+        self, backend: Backend, model: str, request: RouteRequest
+    ) -> tuple[Price | None, float | None]:
+        """The price of a call to ``model`` on ``backend`` and its worst case (None: free)."""
+        meter = self.meter
+        price = meter.price(backend, model) if meter is not None else None
+        if price is None or meter is None:
+            return None, None
+        needs = request.requirements
+        worst = meter.bound(
+            price, backend, model, needs.prompt_bound, needs.max_tokens, needs.embeddings
+        )
+        return price, worst
+
     async def _shared_charge(
-        self, step: Step, request: RouteRequest, trace: Trace
+        self, step: Step, request: RouteRequest, trace: Trace, early: Early | None = None
     ) -> Charge | None:
         """The request's admission in the shared store: its key's rate limits (at its first
-        step) and the step's reservation, in one round trip (``nexus.admission``)."""
-        assert self.shared is not None
-        meter, backend = self.meter, step.backend
-        price = meter.price(backend, step.model) if meter is not None else None
-        worst = None
-        if price is not None and meter is not None:
-            needs = request.requirements
-            worst = meter.bound(
-                price, backend, step.model, needs.prompt_bound, needs.max_tokens, needs.embeddings
-            )
-        key = request.access if isinstance(request.access, ClientKey) else None
-        held = await self.shared.admit(trace, key, worst, backend.zone == "open")
+        step) and the step's reservation, in one round trip (``nexus.admission``): the one
+        asked before the plan when it was for this step, or for one priced alike."""
+        shared = self.shared
+        assert shared is not None
+        backend, key = step.backend, _key_of(request)
+        cloud = backend.zone == "open"
+        if early is not None and early.backend is backend and early.model == step.model:
+            price, worst = early.price, early.worst
+        else:
+            price, worst = self._worst(backend, step.model, request)
+            if self.meter is not None:
+                first = self._first
+                if len(first) >= FIRST_STEPS_MAX:
+                    first.clear()
+                first[request.model] = (backend, step.model)
+        if early is None:
+            held = await shared.admit(trace, key, worst, cloud)
+        else:
+            held = await shared.answer(early.asking, trace)
+            guessed = early.backend
+            if worst != early.worst or (guessed is not None and (guessed.zone == "open") != cloud):
+                shared.give_back(held, key)  # asked for another price: asked again, for this
+                held = await shared.admit(trace, key, worst, cloud)
         if price is None or held is None or worst is None:
             return None
         if held.reservation is None:
@@ -655,3 +726,8 @@ def stream_failure(exc: NexusError) -> bytes:
 def error_event(exc: NexusError) -> bytes:
     """A mid-stream failure as one SSE event carrying an OpenAI error envelope."""
     return b"data: " + orjson.dumps(exc.envelope()) + b"\n\n"
+
+
+def _key_of(request: RouteRequest) -> ClientKey | None:
+    access = request.access
+    return access if isinstance(access, ClientKey) else None

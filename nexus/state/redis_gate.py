@@ -24,8 +24,8 @@ from redis.exceptions import RedisError
 
 from .redis import RedisTarget
 from .redis_lua import ADMIT, FINISHED, LEASE
-from .resp import ReplyError, RespClient, Script
-from .store import Unreachable, dollars
+from .resp import Reply, ReplyError, RespClient, Script
+from .store import NANO, Unreachable
 
 log = logging.getLogger("nexus.state")
 LEASE_MS = 10_000  # what a replica holds counts this long after it was last heard from
@@ -34,9 +34,11 @@ PROBE_SECONDS = 1.0  # while Redis is away
 AFFINITY_BATCH_SECONDS = 0.05
 AFFINITY_PENDING_MAX = 10_000  # entries waiting to be published; more are dropped (a hint only)
 TROUBLE = (RedisError, ReplyError, OSError, asyncio.TimeoutError)
+# an admission on its way: its reply (None: not written yet) and its arguments
+Asked = tuple["asyncio.Future[Reply] | None", tuple[str | bytes, ...]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Verdict:
     """The store's answer to one admission."""
 
@@ -79,7 +81,7 @@ class RedisGate:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- the request path ---------------------------------------------------------------------
-    async def admit(
+    def ask(
         self,
         month: str,
         name: str,
@@ -87,25 +89,42 @@ class RedisGate:
         worst: int,
         limit: int,
         key_limit: int,
-    ) -> Verdict:
-        """One admission (see ``redis_lua.ADMIT``): ``limits`` are rpm, tpm and max_concurrent
-        (0: none); ``worst``, ``limit`` and ``key_limit`` are nanodollars (-1: not checked).
-        Raises Unreachable when Redis is out of reach (after calling ``trouble``)."""
+    ) -> Asked:
+        """One admission (see ``redis_lua.ADMIT``), written now when a connection is open (its
+        answer read with ``answer``): ``limits`` are rpm, tpm and max_concurrent (0: none);
+        ``worst``, ``limit`` and ``key_limit`` are nanodollars (-1: not checked)."""
         rpm, tpm, conc = limits
+        args = (month, name, b"%d %d %d %d %d %d" % (rpm, tpm, conc, worst, limit, key_limit))
+        return self._client.start(self._admit, args), args
+
+    async def answer(self, asked: Asked) -> Verdict:
+        """The store's answer to an admission ``ask`` wrote (or runs it now, when it could not
+        be written). Raises Unreachable when Redis is out of reach (after calling ``trouble``)."""
+        future, args = asked
         try:
-            got = await self._client.run(
-                self._admit, month, name, rpm, tpm, conc, worst, limit,
-                key_limit,
-            )  # fmt: skip
+            if future is None:
+                got = await self._client.run(self._admit, *args)
+            else:
+                try:
+                    got = await future
+                except ReplyError as exc:  # a restarted Redis: the script is loaded again
+                    if not str(exc).startswith("NOSCRIPT"):
+                        raise
+                    got = await self._client.run(self._admit, *args)
         except TROUBLE as exc:
             self.trouble(exc)
             raise Unreachable(str(exc)) from exc
-        verdict = Verdict(
-            int(got[0]), int(got[1]), int(got[2]), int(got[3]) / 1000, int(got[4]),
-            int(got[5]) / 1000, dollars(got[6]), int(got[7]) / 1000, int(got[8]),
-            dollars(got[9]), int(got[10]), bool(int(got[11])),
-        )  # fmt: skip
-        self.replicas = max(1, verdict.replicas)
+        try:
+            v = list(map(int, got.split()))
+            replicas = v[10]
+            verdict = Verdict(
+                v[0], v[1], v[2], v[3] / 1000, v[4], v[5] / 1000, v[6] / NANO, v[7] / 1000,
+                v[8], v[9] / NANO, replicas, v[11] == 1,
+            )  # fmt: skip
+        except (AttributeError, ValueError, IndexError) as exc:  # not what the script answers
+            self.trouble(exc)
+            raise Unreachable(f"an unexpected answer from Redis: {got!r:.200}") from exc
+        self.replicas = replicas if replicas > 1 else 1
         return verdict
 
     def finished(self, name: str) -> None:

@@ -104,20 +104,23 @@ local function reset_in(oldest)
 end
 """
 
-# A request's admission, in one step. ARGV: prefix, replica, month, key name ('' for none), rpm,
-# tpm, max_concurrent (0: none), worst case in nanodollars (0: nothing to reserve), the monthly
-# limit (-1: not checked for this call), the key's monthly budget (-1: none).
-# Returns {rate, budget, requests left, requests reset ms, tokens left, tokens reset ms, month's
-# spend, retry ms, calls in flight, what live replicas hold reserved, live replicas, tight: 1
-# when another call like this one would not fit now}.
+# A request's admission, in one step. ARGV: prefix, replica, month, key name ('' for none), then
+# six integers in one argument, space-separated: rpm, tpm, max_concurrent (0: none), worst case
+# in nanodollars (0: nothing to reserve), the monthly limit (-1: not checked for this call), the
+# key's monthly budget (-1: none).
+# Returns one string of twelve space-separated integers (one reply to read, not twelve): rate,
+# budget, requests left, requests reset ms, tokens left, tokens reset ms, month's spend, retry
+# ms, calls in flight, what live replicas hold reserved, live replicas, tight: 1 when another
+# call like this one would not fit now.
 # rate: 0 admitted, 1 rpm, 2 tpm, 3 max_concurrent, -1 not asked. budget: 0 reserved, 1 the
 # monthly limit, 2 the key's budget, -1 not asked (the budget is asked only when the rate admits).
 ADMIT = (
     _COMMON
     + """
 local me, month, name = ARGV[2], ARGV[3], ARGV[4]
-local rpm, tpm, conc = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local worst, limit, klimit = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local n = {}
+for v in string.gmatch(ARGV[5], '%S+') do n[#n + 1] = tonumber(v) end
+local rpm, tpm, conc, worst, limit, klimit = n[1], n[2], n[3], n[4], n[5], n[6]
 local rate, retry, rleft, rreset, tleft, treset, running = -1, 0, -1, 0, -1, 0, 0
 if name ~= '' and (rpm > 0 or tpm > 0 or conc > 0) then
   rate = 0
@@ -170,8 +173,9 @@ if worst > 0 and rate <= 0 then
   end
 end
 alive('')
--- whole nanodollars, below 2^53: exact as integer replies
-return {rate, budget, rleft, rreset, tleft, treset, spent, retry, running, held, live_count, tight}
+-- whole nanodollars, below 2^53: exact in '%.0f'
+return string.format('%d %d %d %d %d %d %.0f %d %d %.0f %d %d', rate, budget, rleft, rreset,
+  tleft, treset, spent, retry, running, held, live_count, tight)
 """
 )
 

@@ -207,6 +207,19 @@ class RespClient:
             connection = await self._connect()
         return await connection.send(data)
 
+    def start(
+        self, script: Script, args: tuple[bytes | str | int | float, ...]
+    ) -> asyncio.Future[Reply] | None:
+        """The script's EVALSHA written now, its reply read later (``run`` again on NOSCRIPT);
+        None when no connection is open (``run`` opens one)."""
+        connection = self._connection
+        if connection is None or connection.lost is not None:
+            return None
+        try:
+            return connection.send(script.call(args))
+        except ConnectionError:
+            return None
+
     async def run(self, script: Script, *args: bytes | str | int | float) -> Reply:
         """The script's EVALSHA (no keys declared: the scripts build theirs), after its fixed
         arguments; its text is loaded once if Redis does not have it (a restarted server)."""

@@ -45,10 +45,9 @@ async def admit(
     limit: int = -1,
     key_limit: int = -1,
 ) -> list[Any]:
-    # fmt: skip
-    got: list[Any] = await client.run(Script(ADMIT), P, me, MONTH, name, rpm, tpm, conc, worst,
-                                      limit, key_limit)  # fmt: skip
-    return got
+    numbers = f"{rpm} {tpm} {conc} {worst} {limit} {key_limit}"
+    got: bytes = await client.run(Script(ADMIT), P, me, MONTH, name, numbers)
+    return [int(value) for value in got.split()]
 
 
 async def lease(client: RespClient, me: str, held: dict[str, list[Any]] = NONE) -> list[Any]:

@@ -420,3 +420,151 @@ def test_max_concurrent_holds_across_replicas_and_slots_come_back(loop, redis_se
         for server in servers:
             server.stop()
         loop.run(upstream.stop())
+
+
+def _spend_and_held(client: Any, month: str, name: str = "") -> tuple[int, dict[bytes, bytes]]:
+    """The month's settled spend in Redis (nanodollars) and what replicas hold reserved there
+    (the key's calls in flight with ``name``)."""
+    total = int(client.hget(f"nexus:spend:{month}", "total") or 0)
+    held = client.hgetall(f"nexus:conc:{name}" if name else f"nexus:reserved:{month}")
+    return total, held
+
+
+def test_a_guess_that_missed_gives_its_reservation_back_to_the_nanodollar(loop, redis_server):
+    import hashlib
+    import time
+
+    from nexus.state.redis_lua import ADMIT
+
+    a, b = PricedOpenAI(["paid"]), PricedOpenAI(["paid"])  # usage: 5 prompt, 2 completion
+    loop.run(a.start())
+    loop.run(b.start())
+    prices = [{"model_pattern": "paid", "backend": "a", "input_per_mtok": 1000,
+               "output_per_mtok": 2000},
+              {"model_pattern": "paid", "backend": "b", "input_per_mtok": 3000,
+               "output_per_mtok": 6000}]  # fmt: skip
+    spec_a = {"name": "a", "url": a.url, "type": "generic", "priority": 1}
+    state = {"backend": "redis", "redis_url": redis_server.url, "flush_interval_seconds": 0.05}
+    settings = settings_from_dict({
+        "discovery": {"enabled": False, "interfaces": ["127.0.0.1"]},
+        "health_check": {"interval_seconds": 3600},
+        "embedded": {"enabled": False},
+        "state": state,
+        "pricing": prices,
+        "routing": {"strategy": "priority_only", "affinity": False,
+                    "budget": {"monthly_limit_usd": 1000.0, "hard_limit_action": "block_all"}},
+        "backends": [spec_a, {"name": "b", "url": b.url, "type": "generic", "priority": 90}],
+    })  # fmt: skip
+    server = NexusServer(loop, settings).start()
+    client, month = redis_server.client(), month_of(time.time())
+    admit = hashlib.sha1(ADMIT.encode()).hexdigest()
+    monitor = Monitor(redis_server)
+    try:
+        with httpx2.Client(timeout=10) as http:
+            assert chat(http, server, model="paid", max_tokens=10).status_code == 200  # warm
+            assert wait_for(lambda: monitor.calls_of(admit) == 1, 5)
+            served: list[str] = ["a"]
+            # a, then b while a is gone (a guess of a: missed), a again (a guess of b: missed)
+            for phase, change in enumerate(("", "remove", "add", "remove", "add")):
+                if change == "remove":
+                    assert http.delete(server.url + "/admin/backends/a").status_code == 200
+                elif change == "add":
+                    assert http.post(server.url + "/admin/backends", json=spec_a).status_code == 201
+                for _ in range(3):
+                    answer = chat(http, server, model="paid", max_tokens=10)
+                    assert answer.status_code == 200, (phase, answer.text)
+                    served.append(answer.headers["x-nexus-backend"])
+            assert served == ["a"] * 4 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3, served
+            # one script per request, and one more for each of the 4 guesses that missed
+            assert wait_for(lambda: monitor.calls_of(admit) == 16 + 4, 5), monitor.calls_of(admit)
+            cost = {"a": 9_000_000, "b": 27_000_000}  # nanodollars: 5 and 2 tokens at their prices
+            spent = sum(cost[name] for name in served)
+            assert wait_for(lambda: _spend_and_held(client, month) == (spent, {}), 5), (
+                _spend_and_held(client, month), spent)  # fmt: skip
+            budget = http.get(server.url + "/v1/stats").json()["budget"]
+            assert budget["reserved_usd"] == 0, budget
+            meter = server.gateway.dispatcher.meter
+            assert meter is not None and meter.ledger.open_reservations == 0
+    finally:
+        monitor.close()
+        server.stop()
+        loop.run(a.stop())
+        loop.run(b.stop())
+
+
+@pytest.mark.parametrize(
+    ("queue", "leaves"),
+    [
+        ({"enabled": False}, False),
+        ({"max_wait_seconds": 1}, False),
+        ({"max_wait_seconds": 30}, True),
+    ],
+    ids=["queue-off", "queue-waited-out", "client-left-the-queue"],
+)
+def test_an_admission_asked_for_a_request_never_dispatched_gives_its_slot_back(
+    loop, redis_server, queue, leaves
+):
+    import hashlib
+    import time
+
+    from nexus.state.redis_lua import ADMIT
+    from tests.fakes import Reply, completion
+
+    cloud = PricedOpenAI(["paid"])
+    loop.run(cloud.start())
+    one, other = new_secret(), new_secret()
+    state = {"backend": "redis", "redis_url": redis_server.url, "flush_interval_seconds": 0.05}
+    settings = settings_from_dict({
+        "discovery": {"enabled": False, "interfaces": ["127.0.0.1"]},
+        "health_check": {"interval_seconds": 3600},
+        "embedded": {"enabled": False},
+        "state": state,
+        "pricing": [PRICE],
+        "queue": queue,
+        "routing": {"budget": {"monthly_limit_usd": 1000.0, "hard_limit_action": "block_all"}},
+        "auth": {"enabled": True, "keys": [
+            {"name": "one", "hash": hash_of(one), "max_concurrent": 1},
+            {"name": "other", "hash": hash_of(other)},
+        ]},
+        "backends": [{"name": "cloud", "url": cloud.url, "type": "generic", "max_concurrent": 1}],
+    })  # fmt: skip
+    server = NexusServer(loop, settings).start()
+    client, month = redis_server.client(), month_of(time.time())
+    admit = hashlib.sha1(ADMIT.encode()).hexdigest()
+    monitor = Monitor(redis_server)
+    try:
+        with (
+            httpx2.Client(timeout=30) as http,
+            httpx2.Client(timeout=30) as side,
+            concurrent.futures.ThreadPoolExecutor(1) as pool,
+        ):
+            assert chat(http, server, one, model="paid", max_tokens=10).status_code == 200
+            cloud.push(CHAT, Reply(json=completion("paid"), delay=4))  # holds the one slot
+            slow = pool.submit(chat, side, server, other, model="paid")
+            assert wait_for(lambda: len(cloud.calls(CHAT)) == 2, 5)
+            assert wait_for(lambda: monitor.calls_of(admit) == 2, 5)
+            if leaves:  # it waits in the queue, and its client goes away
+                with httpx2.Client(timeout=1) as brief, pytest.raises(httpx2.TimeoutException):
+                    chat(brief, server, one, model="paid", max_tokens=10)
+            else:
+                busy = chat(http, server, one, model="paid", max_tokens=10)
+                assert busy.status_code == 503, busy.text  # planned out: the backend is busy
+            assert wait_for(lambda: monitor.calls_of(admit) == 3, 5)  # asked before the plan
+            # what the early admission took (the key's one slot, a reservation) comes back
+            assert wait_for(lambda: not _spend_and_held(client, month, "one")[1], 5), (
+                _spend_and_held(client, month, "one"))  # fmt: skip
+            assert slow.result(timeout=30).status_code == 200
+            backend = server.gateway.registry.get("cloud")
+            assert backend is not None and wait_for(lambda: backend.in_flight == 0, 5)
+            again = chat(http, server, one, model="paid", max_tokens=10)
+            assert again.status_code == 200, again.text  # not 429: its max_concurrent is free
+            assert wait_for(lambda: not _spend_and_held(client, month)[1], 5), (
+                _spend_and_held(client, month))  # fmt: skip
+            stats = http.get(server.url + "/v1/stats").json()
+            assert stats["budget"]["reserved_usd"] == 0, stats["budget"]
+            assert [k["in_flight"] for k in stats["keys"] if k["name"] == "one"] == [0], stats
+            assert len(cloud.calls(CHAT)) == 3  # the request that was not served reached none
+    finally:
+        monitor.close()
+        server.stop()
+        loop.run(cloud.stop())

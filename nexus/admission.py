@@ -4,10 +4,10 @@ A keyed request whose key has rpm, tpm or max_concurrent, and a priced call that
 (the monthly limit where its action blocks the backend, or the key's monthly budget), are checked
 and counted in Redis, in one script: one round trip. Dispatch sends it before it plans the request
 (``ask``, priced for the step the model's last request went to first) and reads its answer at the
-first step (``answer``); a reservation made for another price is given back (``give_back``) and
-asked again, and one no step read is given back in the background (``drop``). Requests that are
-neither limited nor priced do not touch Redis; what requests used is written in batches, off
-their path.
+first step, just before that step's upstream request is written (``answer``); a reservation made
+for another price is given back (``give_back``) and asked again, and one no step read is given
+back in the background (``drop``). Requests that are neither limited nor priced do not touch
+Redis; what requests used is written in batches, off their path.
 
 While Redis is out of reach, each replica admits on its own, with its share of every limit (the
 limit divided by the replicas last seen alive), so that together they stay within it.

@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 
@@ -31,6 +31,7 @@ from .backends import Adapter, Adapters, Call, Completion, Inbound, StartedStrea
 
 __all__ = ["Dispatcher", "Inbound", "Served", "StreamResult"]
 from .backends.anthropic import AnthropicAdapter
+from .backends.http1 import BEFORE_SEND
 from .backends.sse import DONE, is_done
 from .cost.ledger import Reservation
 from .cost.meter import CostMeter, output_bound
@@ -42,6 +43,7 @@ from .errors import (
     NexusError,
     NoHealthyBackend,
     QuotaSpent,
+    RateLimited,
     Saturated,
     ServiceUnavailable,
     UpstreamConnectError,
@@ -117,6 +119,51 @@ class Early:
     model: str
     price: Price | None
     worst: float | None
+
+
+class BudgetRefused(Exception):
+    """The shared store refused a step's reservation (raised through its upstream request)."""
+
+    def __init__(self, charge: Charge) -> None:
+        super().__init__("the budget cannot hold this call's worst case")
+        self.charge = charge
+
+
+class Gate:
+    """A step's admission in the shared store, awaited by its upstream request just before the
+    request is written (``http1.BEFORE_SEND``); raises RateLimited, or BudgetRefused when the
+    budget cannot hold the call. ``charge``: what it holds, once it has run."""
+
+    __slots__ = ("_admission", "charge", "ran")
+
+    def __init__(self, admission: Coroutine[Any, Any, Charge | None]) -> None:
+        self._admission = admission
+        self.charge: Charge | None = None
+        self.ran = False
+
+    async def __call__(self) -> None:
+        if self.ran:
+            return
+        self.ran = True
+        charge = self.charge = await self._admission
+        if charge is not None and charge.reservation is None:
+            raise BudgetRefused(charge)
+
+    def close(self) -> None:
+        self._admission.close()
+
+
+def _unread(gate: Gate | None, asked: Early | None) -> Early | None:
+    """The admission asked before the plan, when the step's gate never ran (no request was
+    written): the next step reads it (or it is given back)."""
+    if gate is None or gate.ran:
+        return None
+    gate.close()
+    return asked
+
+
+def charge_of(held: Charge | Gate | None) -> Charge | None:
+    return held.charge if isinstance(held, Gate) else held
 
 
 @dataclass(slots=True)
@@ -198,7 +245,7 @@ class Dispatcher:
         trace.kind = kind
 
         async def attempt(
-            adapter: Adapter, step: Step, call: Call, charge: Charge | None
+            adapter: Adapter, step: Step, call: Call, held: Charge | Gate | None
         ) -> Completion:
             started = self.clock()
             try:
@@ -208,17 +255,17 @@ class Dispatcher:
                     result = await adapter.embeddings(step.backend, call)
             except asyncio.CancelledError:
                 # The client left: the prompt was sent and is billed; the answer is unknown.
-                self._settle(charge, step, request, trace, None, output_tokens=0)
+                self._settle(charge_of(held), step, request, trace, None, output_tokens=0)
                 raise
             except BaseException:
-                self._release_charge(charge)
+                self._release_charge(charge_of(held))
                 raise
             finally:
                 self._release(step.backend)
                 trace.upstream_ms += (self.clock() - started) * 1000
             self._succeeded(step, request, (self.clock() - started) * 1000, None)
             trace.usage(result.usage)
-            self._settle(charge, step, request, trace, result.usage)
+            self._settle(charge_of(held), step, request, trace, result.usage)
             return result
 
         return await self._walk(request, body, raw, client, request_id, attempt, trace, inbound)
@@ -238,13 +285,13 @@ class Dispatcher:
         request = self.route_request("chat", body, client, len(raw), inbound, trace.client_key)
 
         async def attempt(
-            adapter: Adapter, step: Step, call: Call, charge: Charge | None
+            adapter: Adapter, step: Step, call: Call, held: Charge | Gate | None
         ) -> StartedStream:
             try:
                 return await adapter.open_stream(step.backend, call)
             except BaseException:
                 self._release(step.backend)
-                self._release_charge(charge)
+                self._release_charge(charge_of(held))
                 raise
 
         started = self.clock()
@@ -329,7 +376,7 @@ class Dispatcher:
         raw: bytes,
         client: Mapping[str, str],
         request_id: str,
-        attempt: Callable[[Adapter, Step, Call, Charge | None], Awaitable[T]],
+        attempt: Callable[[Adapter, Step, Call, Charge | Gate | None], Awaitable[T]],
         trace: Trace,
         inbound: Inbound | None = None,
     ) -> tuple[T, Served]:
@@ -355,16 +402,14 @@ class Dispatcher:
                 adapter = self.adapters.for_type(step.backend.type)
                 if adapter is None:
                     continue
-                # (made before the charge: while the shared store answers)
                 headers = upstream_headers(step, client, request_id, keyed)
                 estimate = request.requirements.estimated_tokens
                 call = Call(body, raw, step.model, headers, estimate, inbound)
-                shared = self.shared  # (no coroutine on the embedded store's path)
-                asked, early = early, None  # (read at the first step, whatever it raises)
-                charge = (
-                    self._charge(step, request) if shared is None
-                    else await self._shared_charge(step, request, trace, asked)
-                )  # fmt: skip
+                # With the shared store, the step's admission is awaited by its upstream request
+                # just before it is written (``Gate``): all before that is made meanwhile.
+                asked, early = early, None
+                gate = None if self.shared is None else self._gate(step, request, trace, asked)
+                charge = self._charge(step, request) if gate is None else None
                 if charge is not None and charge.reservation is None:
                     # The budget cannot hold its worst case: as if planned out (not a try).
                     refused = True
@@ -373,17 +418,29 @@ class Dispatcher:
                     continue
                 tries += 1
                 trace.attempts = tries
-                trace.backend = step.backend.name  # a failure is counted against who failed
+                before, trace.backend = trace.backend, step.backend.name  # a failure is whose
                 step.backend.in_flight += 1
                 step.backend.total_requests += 1
                 try:
-                    result = await attempt(adapter, step, call, charge)
+                    result = await (
+                        attempt(adapter, step, call, charge) if gate is None
+                        else self._gated(attempt, adapter, step, call, trace, gate, before)
+                    )  # fmt: skip
+                except BudgetRefused as refusal:  # (the shared store's answer: not a try)
+                    tries -= 1
+                    refused = True
+                    key_refused = key_refused or refusal.charge.key_refused
+                    plan.exclusions.append(budget_refusal(step, refusal.charge, request.access))
+                    continue
                 except UpstreamError as exc:
                     self._failed(step, exc, request_id)
                     if not exc.retryable:
                         raise
                     last = exc
                     continue
+                finally:
+                    early = _unread(gate, asked)
+                charge = charge if gate is None else gate.charge
                 reason = "queued" if queued and index == 0 and step.fallback is None else None
                 if refused and last is None and step.fallback is None:
                     reason = "budget-limit"  # the steps before were refused by the budget only
@@ -398,19 +455,7 @@ class Dispatcher:
                 trace.backend, trace.route_reason = step.backend.name, served.route_reason
                 trace.fallback_model = step.fallback
                 return result, served
-            if last is not None and plan.exclusions:
-                last.context = plan.context(self.registry, [])
-            key = request.access
-            if last is None and key_refused and key is not None and self.keys is not None:
-                raise QuotaSpent(
-                    f"The key '{key.name}' has spent its monthly_budget_usd; it may be used "
-                    "again next month (UTC), or with a higher budget",
-                    self.keys.retry_at_month_end(),
-                )
-            if last is None and refused:
-                message = f"The monthly budget cannot hold another request for '{plan.requested}'"
-                raise NoHealthyBackend(plan.requested, plan.context(self.registry, []), message)
-            raise last or ServiceUnavailable(f"No backend could serve model '{plan.requested}'")
+            raise self._unserved(plan, request, last, refused, key_refused)
         except NexusError as exc:
             self._tell_budget(exc)
             raise
@@ -518,6 +563,55 @@ class Dispatcher:
         cloud = backend is not None and backend.zone == "open"
         asking = self.shared.ask(trace, _key_of(request), worst, cloud)
         return None if asking is None else Early(asking, backend, model, price, worst)
+
+    def _unserved(
+        self,
+        plan: Plan,
+        request: RouteRequest,
+        last: UpstreamError | None,
+        refused: bool,
+        key_refused: bool,
+    ) -> NexusError:
+        """Why no step answered: the last failure, else the budget's refusal, else none left."""
+        if last is not None and plan.exclusions:
+            last.context = plan.context(self.registry, [])
+        key = request.access
+        if last is None and key_refused and key is not None and self.keys is not None:
+            return QuotaSpent(
+                f"The key '{key.name}' has spent its monthly_budget_usd; it may be used "
+                "again next month (UTC), or with a higher budget",
+                self.keys.retry_at_month_end(),
+            )
+        if last is None and refused:
+            message = f"The monthly budget cannot hold another request for '{plan.requested}'"
+            return NoHealthyBackend(plan.requested, plan.context(self.registry, []), message)
+        return last or ServiceUnavailable(f"No backend could serve model '{plan.requested}'")
+
+    def _gate(self, step: Step, request: RouteRequest, trace: Trace, asked: Early | None) -> Gate:
+        return Gate(self._shared_charge(step, request, trace, asked))
+
+    async def _gated(
+        self,
+        attempt: Callable[[Adapter, Step, Call, Charge | Gate | None], Awaitable[T]],
+        adapter: Adapter,
+        step: Step,
+        call: Call,
+        trace: Trace,
+        gate: Gate,
+        before: str | None,
+    ) -> T:
+        """``attempt``, its upstream request awaiting ``gate`` before it is written (every
+        adapter writes through ``http1``); a call the gate refuses is no try of the backend's
+        (``before``: whom a failure was counted against until then)."""
+        token = BEFORE_SEND.set(gate)
+        try:
+            return await attempt(adapter, step, call, gate)
+        except (BudgetRefused, RateLimited):
+            trace.backend, trace.attempts = before, trace.attempts - 1
+            step.backend.total_requests -= 1
+            raise
+        finally:
+            BEFORE_SEND.reset(token)
 
     def _unused(self, early: Early | None, request: RouteRequest) -> None:
         """An early admission no step read: what it holds is given back."""

@@ -12,6 +12,11 @@ timeout, then raises ``PoolExhausted``. A response body past ``max_response_byte
 ``ResponseTooLarge``. Idle connections are closed after ``keepalive_seconds`` by a timer, whether
 or not another request comes.
 
+Before a request is written, ``BEFORE_SEND`` (a context variable: the caller's task) is awaited
+once when set: the shared store's admission of the call, which may refuse it (its error passes
+through; the connection goes back to the pool unused). Everything the request needs before it is
+written (its bytes, a connection) is made while the store answers.
+
 Errors: ``ConnectFailed`` (no connection could be made), ``TimeoutError``, ``ConnectionError``
 (the connection broke), ``ProtocolError`` (not HTTP, or too large), ``PoolExhausted``. A request
 on a pooled connection that the server had already closed is sent again once on a fresh one.
@@ -23,7 +28,8 @@ import asyncio
 import collections
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -40,6 +46,10 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # this many more bytes to finish; then its connection is pooled, else closed.
 DRAIN_SECONDS = 1.0
 DRAIN_BYTES = 64 * 1024
+# awaited once before the first request written in this context (see above)
+BEFORE_SEND: ContextVar[Callable[[], Awaitable[None]] | None] = ContextVar(
+    "before_send", default=None
+)
 
 
 class ConnectFailed(OSError):
@@ -440,8 +450,16 @@ class HTTP1Client:
         if body or method in ("POST", "PUT", "PATCH"):
             head.append(b"Content-Length: " + str(len(body)).encode("ascii"))
         request = b"\r\n".join(head) + b"\r\n\r\n" + body
+        before = BEFORE_SEND.get()
         while True:
             conn, reused = await self._acquire(target)
+            if before is not None:
+                try:
+                    await before()
+                except BaseException:
+                    self._put_back(target.key, conn)
+                    raise
+                before = None
             conn.send(request)
             try:
                 await conn.headers_done

@@ -84,6 +84,11 @@ def test_a_keys_rpm_holds_across_replicas(loop, redis_server):
         remaining = sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in served)
         assert remaining == list(range(7))  # one count, whichever replica served
         assert len(upstream.calls(CHAT)) == 7
+        # a refused request is refused before anything is written upstream, and is no
+        # request of the backend's (its admission is awaited just before the write)
+        backends = [server.gateway.registry.get("local") for server in servers]
+        assert sum(b.total_requests for b in backends if b is not None) == 7
+        assert all(b is not None and b.in_flight == 0 for b in backends)
     finally:
         for server in servers:
             server.stop()
@@ -242,6 +247,12 @@ def test_redis_down_serves_degraded_and_loses_no_spend(loop, redis_server, monke
         loop.run(cloud.stop())
 
 
+def socket_to(port: int) -> Any:
+    import socket
+
+    return socket.create_connection(("127.0.0.1", port))
+
+
 class Monitor:
     """Redis's MONITOR on a raw socket: every command the server runs, one line each."""
 
@@ -250,6 +261,7 @@ class Monitor:
         import threading
 
         self.lines: list[str] = []
+        self.port = redis.port
         self.sock = socket.create_connection(("127.0.0.1", redis.port))
         self.sock.sendall(b"MONITOR\r\n")
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -269,6 +281,15 @@ class Monitor:
             self.lines.extend(line.decode(errors="replace") for line in lines)
 
     def calls_of(self, sha: str) -> int:
+        """Calls of the script ``sha`` that the server ran so far (every command run before
+        this call is seen first: MONITOR's lines come in order, and a marker closes them)."""
+        import uuid
+
+        marker = uuid.uuid4().hex
+        with socket_to(self.port) as sock:
+            sock.sendall(f"ECHO {marker}\r\n".encode())
+            sock.recv(256)
+        assert wait_for(lambda: any(marker in line for line in self.lines), 5)
         return sum(1 for line in self.lines if f'"EVALSHA" "{sha}"' in line)
 
     def close(self) -> None:
@@ -568,3 +589,40 @@ def test_an_admission_asked_for_a_request_never_dispatched_gives_its_slot_back(
         monitor.close()
         server.stop()
         loop.run(cloud.stop())
+
+
+def test_a_step_the_shared_budget_refuses_sends_nothing_and_the_next_one_serves(
+    loop, redis_server, monkeypatch
+):
+    monkeypatch.setenv(KEY_VAR, "sk-cloud")
+    cloud, local = PricedOpenAI(["m"]), FakeOpenAI(["m"])
+    loop.run(cloud.start())
+    loop.run(local.start())
+    # the cloud's worst case (16 output tokens at $0.002) does not fit in $0.01
+    budget = {"monthly_limit_usd": 0.01, "hard_limit_action": "block_cloud"}
+    settings = settings_for(
+        state={"backend": "redis", "redis_url": redis_server.url}, pricing=[PRICE],
+        routing={"strategy": "priority_only", "affinity": False, "budget": budget},
+        backends=[{"name": "cloud", "url": cloud.url, "type": "openai", "priority": 1,
+                   "api_key_env": KEY_VAR},
+                  {"name": "local", "url": local.url, "type": "generic", "priority": 50}],
+    )  # fmt: skip
+    server = NexusServer(loop, settings).start()
+    try:
+        with httpx2.Client(timeout=10) as http:
+            # the first asks at its first step; the next ones before their plan, for the cloud
+            for _ in range(3):
+                answer = chat(http, server, max_tokens=16)
+                assert answer.status_code == 200, answer.text
+                assert answer.headers["x-nexus-backend"] == "local"
+                assert answer.headers["x-nexus-route-reason"] == "budget-limit"
+        assert cloud.calls(CHAT) == [] and len(local.calls(CHAT)) == 3
+        backend = server.gateway.registry.get("cloud")
+        assert backend is not None and backend.total_requests == 0 and backend.in_flight == 0
+        client = redis_server.client()
+        month = month_of(__import__("time").time())
+        assert not client.hgetall(f"nexus:reserved:{month}")  # nothing held for a refusal
+    finally:
+        server.stop()
+        loop.run(cloud.stop())
+        loop.run(local.stop())

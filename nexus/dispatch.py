@@ -192,7 +192,9 @@ class Dispatcher:
         self.meter = meter
         self.keys = keys
         self.shared = shared  # [state] backend = "redis": limits and budgets checked there
-        self._first: dict[str, tuple[Backend, str]] = {}  # model -> its last first step
+        # model -> the step its last request was charged for first, and whether the one before
+        # went there too (only a steady route is guessed: a route that alternates is not)
+        self._first: dict[str, tuple[Backend, str, bool]] = {}
         self.registry = registry
         self.adapters = adapters
         self.health = health
@@ -547,16 +549,16 @@ class Dispatcher:
 
     def _ask_early(self, request: RouteRequest, trace: Trace) -> Early | None:
         """The admission ``_shared_charge`` will need, asked now (before the plan): for the
-        step this model's requests went to first last time; None when there is none to guess
-        (a priced model not dispatched yet) or nothing to ask."""
+        step this model's last two requests went to first; None when there is none to guess (a
+        priced model not dispatched yet, or whose route just changed) or nothing to ask."""
         assert self.shared is not None
         meter = self.meter
         backend, model, price, worst = None, "", None, None
         if meter is not None:
             guess = self._first.get(request.model)
-            if guess is None:
+            if guess is None or not guess[2]:
                 return None
-            backend, model = guess
+            backend, model, _ = guess
             price, worst = self._worst(backend, model, request)
         elif trace.pending is None:
             return None
@@ -650,7 +652,9 @@ class Dispatcher:
                 first = self._first
                 if len(first) >= FIRST_STEPS_MAX:
                     first.clear()
-                first[request.model] = (backend, step.model)
+                last = first.get(request.model)
+                steady = last is not None and last[0] is backend and last[1] == step.model
+                first[request.model] = (backend, step.model, steady)
         if early is None:
             held = await shared.admit(trace, key, worst, cloud)
         else:

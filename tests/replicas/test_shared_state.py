@@ -498,6 +498,18 @@ def test_a_guess_that_missed_gives_its_reservation_back_to_the_nanodollar(loop, 
             assert served == ["a"] * 4 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3, served
             # one script per request, and one more for each of the 4 guesses that missed
             assert wait_for(lambda: monitor.calls_of(admit) == 16 + 4, 5), monitor.calls_of(admit)
+            # a route that changes at every request is not guessed: one script each, but for
+            # the first change (a guess of the steady route before it, missed)
+            for change in ("remove", "add", "remove", "add"):
+                if change == "remove":
+                    assert http.delete(server.url + "/admin/backends/a").status_code == 200
+                else:
+                    assert http.post(server.url + "/admin/backends", json=spec_a).status_code == 201
+                answer = chat(http, server, model="paid", max_tokens=10)
+                assert answer.status_code == 200, answer.text
+                served.append(answer.headers["x-nexus-backend"])
+            assert served[-4:] == ["b", "a", "b", "a"], served
+            assert monitor.calls_of(admit) == 20 + 4 + 1
             cost = {"a": 9_000_000, "b": 27_000_000}  # nanodollars: 5 and 2 tokens at their prices
             spent = sum(cost[name] for name in served)
             assert wait_for(lambda: _spend_and_held(client, month) == (spent, {}), 5), (
@@ -559,18 +571,19 @@ def test_an_admission_asked_for_a_request_never_dispatched_gives_its_slot_back(
             httpx2.Client(timeout=30) as side,
             concurrent.futures.ThreadPoolExecutor(1) as pool,
         ):
-            assert chat(http, server, one, model="paid", max_tokens=10).status_code == 200
+            for _ in range(2):  # the same first step twice: the next is asked before its plan
+                assert chat(http, server, one, model="paid", max_tokens=10).status_code == 200
             cloud.push(CHAT, Reply(json=completion("paid"), delay=4))  # holds the one slot
             slow = pool.submit(chat, side, server, other, model="paid")
-            assert wait_for(lambda: len(cloud.calls(CHAT)) == 2, 5)
-            assert wait_for(lambda: monitor.calls_of(admit) == 2, 5)
+            assert wait_for(lambda: len(cloud.calls(CHAT)) == 3, 5)
+            assert wait_for(lambda: monitor.calls_of(admit) == 3, 5)
             if leaves:  # it waits in the queue, and its client goes away
                 with httpx2.Client(timeout=1) as brief, pytest.raises(httpx2.TimeoutException):
                     chat(brief, server, one, model="paid", max_tokens=10)
             else:
                 busy = chat(http, server, one, model="paid", max_tokens=10)
                 assert busy.status_code == 503, busy.text  # planned out: the backend is busy
-            assert wait_for(lambda: monitor.calls_of(admit) == 3, 5)  # asked before the plan
+            assert wait_for(lambda: monitor.calls_of(admit) == 4, 5)  # asked before the plan
             # what the early admission took (the key's one slot, a reservation) comes back
             assert wait_for(lambda: not _spend_and_held(client, month, "one")[1], 5), (
                 _spend_and_held(client, month, "one"))  # fmt: skip
@@ -584,7 +597,7 @@ def test_an_admission_asked_for_a_request_never_dispatched_gives_its_slot_back(
             stats = http.get(server.url + "/v1/stats").json()
             assert stats["budget"]["reserved_usd"] == 0, stats["budget"]
             assert [k["in_flight"] for k in stats["keys"] if k["name"] == "one"] == [0], stats
-            assert len(cloud.calls(CHAT)) == 3  # the request that was not served reached none
+            assert len(cloud.calls(CHAT)) == 4  # the request that was not served reached none
     finally:
         monitor.close()
         server.stop()

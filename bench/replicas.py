@@ -14,8 +14,8 @@ script alone, from an event loop as Nexus makes it (its own client, c=1, pinned 
 CPU), measured after each round (this machine's speed drifts within a run) in two ways: back to
 back (Redis never idles: a hotter loop than any request makes), and paced, each call after the CPU
 was busy for as long as a request of that round took (Redis idles between two calls, as it does
-between two requests at c=1; waking an idle CPU is part of a round trip on a VM). At the end: the
-same round trip, one of a script that does nothing, and a bare PING on a blocking socket. "added"
+between two requests at c=1; waking an idle CPU is part of a round trip on a VM). At the end: a
+script that does nothing and a bare PING on a blocking socket, for scale. "added"
 is the median of the per-round differences B - A; the verdict is on the median, per round, of
 B - A less the paced round trip measured after it: the Redis path adds at most the one round trip
 it makes. The margin over the back-to-back round trip is reported too.
@@ -101,12 +101,12 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) ->
         time.sleep(0.05)
 
 
-def redis_round_trips(port: int, count: int, serve: bool = False) -> dict[str, float]:
-    """Median µs of one round trip from an event loop, as Nexus makes it: the admission script
-    with a bench key's arguments (under another prefix), a script that does nothing, and a bare
-    PING on a blocking socket. ``serve``: first, for each line ``N`` read from stdin, the median
-    of N admission round trips, printed as one line (the rounds' reference, measured beside
-    them: this machine's speed drifts over a run)."""
+def redis_round_trips(port: int, count: int) -> dict[str, float]:
+    """Round trips from an event loop, as Nexus makes them (its own client, c=1). First, for
+    each line ``N GAP_US`` read from stdin until it closes, the medians of N round trips of the
+    admission script (a bench key's arguments, under another prefix) back to back and each after
+    GAP_US of busy CPU, printed as one JSON line (the rounds' reference, measured beside them).
+    Then the median µs of a script that does nothing and of a bare PING on a blocking socket."""
     import uvloop
 
     from nexus.state.redis import RedisTarget
@@ -129,7 +129,7 @@ def redis_round_trips(port: int, count: int, serve: bool = False) -> dict[str, f
             times.append(time.perf_counter() - started)
         return statistics.median(times) * 1e6
 
-    async def scripted() -> tuple[float, float]:
+    async def scripted() -> float:
         target = RedisTarget("127.0.0.1", port, 0, False, None, None, "bench")
         gate = RedisGate(target, "bench-rtt:", "bench")
         await gate.renew({"reserved": [], "keyres": [], "conc": []})
@@ -139,20 +139,18 @@ def redis_round_trips(port: int, count: int, serve: bool = False) -> dict[str, f
         def admission() -> Any:
             return gate.answer(gate.ask(month, "k", limits, 1000, 10**15, 10**15))
 
-        if serve:
-            loop = asyncio.get_running_loop()
-            while line := await loop.run_in_executor(None, sys.stdin.readline):
-                calls, gap_us = line.split()
-                back_to_back = await timed(admission, int(calls), warm=50)
-                paced = await timed(admission, int(calls), warm=5, gap=float(gap_us) / 1e6)
-                print(json.dumps([back_to_back, paced]), flush=True)
-        admitted = await timed(admission, count)
+        loop = asyncio.get_running_loop()
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            calls, gap_us = line.split()
+            back_to_back = await timed(admission, int(calls), warm=50)
+            paced = await timed(admission, int(calls), warm=5, gap=float(gap_us) / 1e6)
+            print(json.dumps([back_to_back, paced]), flush=True)
         noop = Script("return 1")
         bare = await timed(lambda: gate._client.run(noop), count)
         await gate.aclose()
-        return admitted, bare
+        return bare
 
-    admission, bare = uvloop.run(scripted())
+    bare = uvloop.run(scripted())
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw = []
@@ -161,8 +159,7 @@ def redis_round_trips(port: int, count: int, serve: bool = False) -> dict[str, f
             sock.sendall(b"PING\r\n")
             sock.recv(64)
             raw.append(time.perf_counter() - started)
-    return {"admission_us": admission, "noop_script_us": bare,
-            "raw_ping_us": statistics.median(raw) * 1e6}  # fmt: skip
+    return {"noop_script_us": bare, "raw_ping_us": statistics.median(raw) * 1e6}
 
 
 def main() -> None:
@@ -177,7 +174,7 @@ def main() -> None:
     p.add_argument("--rtt", type=int, help=argparse.SUPPRESS)  # internal: only round trips
     args = p.parse_args()
     if args.rtt:
-        print(json.dumps(redis_round_trips(args.rtt, 2000, serve=True)))
+        print(json.dumps(redis_round_trips(args.rtt, 2000)))
         return
     if not args.base:
         p.error("--base is required")
@@ -201,7 +198,7 @@ def main() -> None:
         "sqlite": f"[state]\npath = '{work / 'state.db'}'\n",
         "redis": f"[state]\nbackend = 'redis'\nredis_url = 'redis://127.0.0.1:{redis_port}/0'\n",
     }
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[subprocess.Popen[Any]] = []
     try:
         redis_log = work / "redis.log"
         procs.append(start(pinned([redis_server, "--port", str(redis_port), "--bind",
@@ -230,8 +227,7 @@ def main() -> None:
             pinned([sys.executable, __file__, "--rtt", str(redis_port)], args.pin),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
-        procs.append(helper)  # type: ignore[arg-type]
-        assert helper.stdin is not None and helper.stdout is not None
+        procs.append(helper)
 
         def round_trip(gap: float) -> tuple[float, float]:
             """The admission's round trip back to back, and paced: each after ``gap`` seconds
@@ -263,6 +259,7 @@ def main() -> None:
             paced_us.append(paced)
             margins.append(deltas[-1] * 1e6 - back_to_back)
             paced_margins.append(deltas[-1] * 1e6 - paced)
+        assert helper.stdin is not None and helper.stdout is not None
         helper.stdin.close()
         trips = json.loads(helper.stdout.read().strip().splitlines()[-1])
         helper.wait(timeout=120)

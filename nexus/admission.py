@@ -79,12 +79,10 @@ class SharedAdmission:
     ) -> Held | None:
         """Admit the request's key (when its admission waits, ``trace.pending``) and reserve
         ``worst`` (a priced call; None: free). Raises RateLimited when the key's limits refuse."""
-        ledger = self.ledger
         rated = trace.pending
-        budgeted = key if key is not None and key.limits.monthly_budget_usd is not None else None
-        checked = worst is not None and (ledger.limit is not None and ledger.blocks(cloud))
+        budgeted, checked = self._budgets(key, worst, cloud)
         if rated is None and worst is not None and not checked and budgeted is None:
-            return Held(ledger.reserve(worst, cloud=cloud))  # priced, limited by nothing
+            return Held(self.ledger.reserve(worst, cloud=cloud))  # priced, limited by nothing
         if rated is None and worst is None:
             return None
         if self.gate.down is not None:
@@ -96,15 +94,21 @@ class SharedAdmission:
     ) -> Asking | None:
         """The admission ``admit`` would make, written to the store now (its answer read with
         ``answer``); None when it would not ask the store (``admit`` decides then)."""
-        ledger = self.ledger
         rated = trace.pending
-        budgeted = key if key is not None and key.limits.monthly_budget_usd is not None else None
-        checked = worst is not None and (ledger.limit is not None and ledger.blocks(cloud))
+        budgeted, checked = self._budgets(key, worst, cloud)
         if rated is None and (worst is None or (not checked and budgeted is None)):
             return None
         if self.gate.down is not None:
             return None
         return self._ask(trace, rated, budgeted, checked, worst, cloud)
+
+    def _budgets(
+        self, key: ClientKey | None, worst: float | None, cloud: bool
+    ) -> tuple[ClientKey | None, bool]:
+        """The key whose monthly budget checks the call, and whether the monthly limit does."""
+        budgeted = key if key is not None and key.limits.monthly_budget_usd is not None else None
+        ledger = self.ledger
+        return budgeted, worst is not None and ledger.limit is not None and ledger.blocks(cloud)
 
     def _ask(
         self,
@@ -174,8 +178,8 @@ class SharedAdmission:
         return Held(reservation, key_held=budgeted is not None)
 
     def drop(self, asking: Asking, key: ClientKey | None) -> None:
-        """An admission asked for a request that will not be dispatched after all (it ended
-        before, or planned another call): what the store gives it is given back."""
+        """An admission asked for a request that no step read (it ended before one was
+        reached): what the store gives it is given back, in the background."""
         task = asyncio.get_running_loop().create_task(self._drop(asking, key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

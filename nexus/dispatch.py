@@ -528,18 +528,11 @@ class Dispatcher:
         """Reserve the worst case of a call to a priced backend (None when it is free or
         nothing is priced)."""
         meter = self.meter
-        if meter is None:
+        price, worst = self._worst(step.backend, step.model, request)
+        if price is None or worst is None or meter is None:
             return None
-        backend = step.backend
-        price = meter.price(backend, step.model)
-        if price is None:
-            return None
-        needs = request.requirements
-        worst = meter.bound(
-            price, backend, step.model, needs.prompt_bound, needs.max_tokens, needs.embeddings
-        )
-        reservation = meter.ledger.reserve(worst, cloud=backend.zone == "open")
-        key = request.access if isinstance(request.access, ClientKey) else None
+        reservation = meter.ledger.reserve(worst, cloud=step.backend.zone == "open")
+        key = _key_of(request)
         if key is None or reservation is None or key.limits.monthly_budget_usd is None:
             return Charge(price, worst, reservation)
         if not key.reserve(worst):
@@ -707,8 +700,8 @@ class Dispatcher:
         meter.ledger.settle(
             charge.reservation, cost, step.backend.name, step.model, prompt, completion
         )
-        key = request.access
-        if isinstance(key, ClientKey) and self.keys is not None:
+        key = _key_of(request)
+        if key is not None and self.keys is not None:
             held = charge.worst if charge.key is not None else 0.0
             self.keys.charge(key, held, cost, charge.reservation)
         trace.cost_usd = cost if trace.cost_usd is None else trace.cost_usd + cost

@@ -5,6 +5,7 @@ The three-process deployment behind haproxy is ``test_deployment.py``."""
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from nexus.config import ConfigError, settings_from_dict
 from nexus.cost.ledger import month_of
 from nexus.keys.tokens import hash_of, new_secret
 from nexus.routing.affinity import affinity_keys
+from nexus.state.redis_lua import ADMIT
 from tests.fakes import FakeOpenAI
 from tests.harness import LoopThread, NexusServer, settings_for, wait_for
 from tests.integration.test_budget import PricedOpenAI
@@ -24,6 +26,7 @@ from tests.integration.test_budget import PricedOpenAI
 from .servers import RedisServer
 
 CHAT = "/v1/chat/completions"
+ADMIT_SHA = hashlib.sha1(ADMIT.encode()).hexdigest()  # the admission script, as MONITOR shows it
 KEY_VAR = "NEXUS_TEST_REPLICA_CLOUD"
 IN_USD, OUT_USD = 0.001, 0.002  # per token
 PRICE = {"model_pattern": "*", "backend": "cloud", "input_per_mtok": IN_USD * 1e6,
@@ -299,10 +302,6 @@ class Monitor:
 def test_one_round_trip_for_a_limited_priced_request_and_none_for_the_rest(
     loop, redis_server, monkeypatch
 ):
-    import hashlib
-
-    from nexus.state.redis_lua import ADMIT
-
     monkeypatch.setenv(KEY_VAR, "sk-cloud")
     cloud = PricedOpenAI(["paid"])
     local = FakeOpenAI(["free"])
@@ -326,7 +325,7 @@ def test_one_round_trip_for_a_limited_priced_request_and_none_for_the_rest(
         ],
     })  # fmt: skip
     server = NexusServer(loop, settings).start()
-    admit = hashlib.sha1(ADMIT.encode()).hexdigest()
+    admit = ADMIT_SHA
     monitor = Monitor(redis_server)
     try:
         with httpx2.Client(timeout=10) as http:
@@ -452,10 +451,7 @@ def _spend_and_held(client: Any, month: str, name: str = "") -> tuple[int, dict[
 
 
 def test_a_guess_that_missed_gives_its_reservation_back_to_the_nanodollar(loop, redis_server):
-    import hashlib
     import time
-
-    from nexus.state.redis_lua import ADMIT
 
     a, b = PricedOpenAI(["paid"]), PricedOpenAI(["paid"])  # usage: 5 prompt, 2 completion
     loop.run(a.start())
@@ -466,19 +462,15 @@ def test_a_guess_that_missed_gives_its_reservation_back_to_the_nanodollar(loop, 
                "output_per_mtok": 6000}]  # fmt: skip
     spec_a = {"name": "a", "url": a.url, "type": "generic", "priority": 1}
     state = {"backend": "redis", "redis_url": redis_server.url, "flush_interval_seconds": 0.05}
-    settings = settings_from_dict({
-        "discovery": {"enabled": False, "interfaces": ["127.0.0.1"]},
-        "health_check": {"interval_seconds": 3600},
-        "embedded": {"enabled": False},
-        "state": state,
-        "pricing": prices,
-        "routing": {"strategy": "priority_only", "affinity": False,
-                    "budget": {"monthly_limit_usd": 1000.0, "hard_limit_action": "block_all"}},
-        "backends": [spec_a, {"name": "b", "url": b.url, "type": "generic", "priority": 90}],
-    })  # fmt: skip
+    settings = settings_for(
+        state=state, pricing=prices,
+        routing={"strategy": "priority_only", "affinity": False,
+                 "budget": {"monthly_limit_usd": 1000.0, "hard_limit_action": "block_all"}},
+        backends=[spec_a, {"name": "b", "url": b.url, "type": "generic", "priority": 90}],
+    )  # fmt: skip
     server = NexusServer(loop, settings).start()
     client, month = redis_server.client(), month_of(time.time())
-    admit = hashlib.sha1(ADMIT.encode()).hexdigest()
+    admit = ADMIT_SHA
     monitor = Monitor(redis_server)
     try:
         with httpx2.Client(timeout=10) as http:
@@ -537,33 +529,26 @@ def test_a_guess_that_missed_gives_its_reservation_back_to_the_nanodollar(loop, 
 def test_an_admission_asked_for_a_request_never_dispatched_gives_its_slot_back(
     loop, redis_server, queue, leaves
 ):
-    import hashlib
     import time
 
-    from nexus.state.redis_lua import ADMIT
     from tests.fakes import Reply, completion
 
     cloud = PricedOpenAI(["paid"])
     loop.run(cloud.start())
     one, other = new_secret(), new_secret()
     state = {"backend": "redis", "redis_url": redis_server.url, "flush_interval_seconds": 0.05}
-    settings = settings_from_dict({
-        "discovery": {"enabled": False, "interfaces": ["127.0.0.1"]},
-        "health_check": {"interval_seconds": 3600},
-        "embedded": {"enabled": False},
-        "state": state,
-        "pricing": [PRICE],
-        "queue": queue,
-        "routing": {"budget": {"monthly_limit_usd": 1000.0, "hard_limit_action": "block_all"}},
-        "auth": {"enabled": True, "keys": [
+    settings = settings_for(
+        state=state, pricing=[PRICE], queue=queue,
+        routing={"budget": {"monthly_limit_usd": 1000.0, "hard_limit_action": "block_all"}},
+        auth={"enabled": True, "keys": [
             {"name": "one", "hash": hash_of(one), "max_concurrent": 1},
             {"name": "other", "hash": hash_of(other)},
         ]},
-        "backends": [{"name": "cloud", "url": cloud.url, "type": "generic", "max_concurrent": 1}],
-    })  # fmt: skip
+        backends=[{"name": "cloud", "url": cloud.url, "type": "generic", "max_concurrent": 1}],
+    )  # fmt: skip
     server = NexusServer(loop, settings).start()
     client, month = redis_server.client(), month_of(time.time())
-    admit = hashlib.sha1(ADMIT.encode()).hexdigest()
+    admit = ADMIT_SHA
     monitor = Monitor(redis_server)
     try:
         with (
